@@ -1,0 +1,57 @@
+"""`edgeflow train MODEL --out DIR`: train on synthetic pairs, resuming where DIR left off."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_cmd)
+
+
+def parse_curriculum(text: str) -> list[list[int]]:
+    """'0:256x320,20000:320x448' -> [[0, 256, 320], [20000, 320, 448]]."""
+    from edgeflow.errors import InputError
+
+    out = []
+    try:
+        for part in text.split(","):
+            step, size = part.split(":")
+            h, w = size.lower().split("x")
+            out.append([int(step), int(h), int(w)])
+    except ValueError:
+        raise InputError(f"--curriculum {text!r}: expected STEP:HxW[,STEP:HxW...], e.g. 0:256x320,20000:320x448") from None
+    if out[0][0] != 0 or any(h % 64 or w % 64 for _, h, w in out):
+        raise InputError(f"--curriculum {text!r}: must start at step 0 with sizes that are multiples of 64")
+    return out
+
+
+def train_cmd(
+    model: str = typer.Argument(..., help="Registry name, e.g. flownet2-s."),
+    out: str = typer.Option(..., "--out", help="Run directory (checkpoint, log); resumed if it exists."),
+    steps: int = typer.Option(30000, help="Total optimiser steps."),
+    batch: int = typer.Option(8, help="Pairs per step."),
+    lr: float = typer.Option(4e-4, help="Adam learning rate before the decay steps."),
+    curriculum: str = typer.Option("0:256x320,20000:320x448", help="STEP:HxW crop sizes."),
+    seed: int = typer.Option(0, help="Seed of the model initialisation and the data."),
+    workers: int = typer.Option(1, help="Data generation processes."),
+    eval_every: int = typer.Option(1000, help="Steps between held-out evaluations and checkpoints."),
+    ship: bool = typer.Option(False, "--ship", help="Afterwards install best.pt as the model's shipped weights."),
+) -> None:
+    """Train MODEL on synthetic pairs generated on the fly (stacks: earlier stages frozen)."""
+    import json
+
+    from edgeflow.models import spec
+    from edgeflow.training import TrainConfig, train
+
+    spec(model)
+    config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, curriculum=parse_curriculum(curriculum),
+                         seed=seed, workers=workers, eval_every=eval_every)
+    last = train(config, out)
+    typer.echo(json.dumps(last))
+    if ship:
+        from pathlib import Path
+
+        from edgeflow.models.weights import ship_weights
+
+        typer.echo(f"shipped {ship_weights(Path(out) / 'best.pt', model)}")

@@ -1,0 +1,134 @@
+"""Reference ops of FlowNet2: correlation and backward warping, as torch custom ops.
+
+They are registered with `torch.library` so that `torch.export` keeps each as one node
+(`edgeflow::correlation`, `edgeflow::warp`) for the compiler to replace with its own TIR.
+Both have a pure-torch implementation used for training and as the numerical reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def correlation_output_size(height: int, width: int, *, kernel_size: int, max_displacement: int,
+                            stride1: int, pad: int) -> tuple[int, int]:
+    """Output (H, W) of Caffe's Correlation layer for a (height, width) input."""
+    border = max_displacement + (kernel_size - 1) // 2
+    out_h = -(-(height + 2 * pad - 2 * border) // stride1)
+    out_w = -(-(width + 2 * pad - 2 * border) // stride1)
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"correlation input {height}x{width} too small for displacement {max_displacement}")
+    return out_h, out_w
+
+
+def correlation_reference(f1: torch.Tensor, f2: torch.Tensor, kernel_size: int = 1,
+                          max_displacement: int = 20, stride1: int = 1, stride2: int = 2,
+                          pad: int = 20) -> torch.Tensor:
+    """FlowNet correlation as Caffe's CorrelationLayer computes it.
+
+    f1, f2: [B, C, H, W]. Returns [B, D*D, Ho, Wo] with D = 2*(max_displacement//stride2)+1;
+    channel (p+R)*D + (o+R) holds the displacement (dy, dx) = (p*stride2, o*stride2),
+    R = max_displacement//stride2. Each value is the sum over channels and the kernel window
+    of f1*f2, divided by kernel_size**2 * C. Outside the padded input counts as zero.
+    """
+    b, c, h, w = f1.shape
+    out_h, out_w = correlation_output_size(h, w, kernel_size=kernel_size,
+                                           max_displacement=max_displacement, stride1=stride1, pad=pad)
+    radius = max_displacement // stride2
+    p1 = F.pad(f1, (pad, pad, pad, pad))
+    p2 = F.pad(f2, (pad, pad, pad, pad))
+    k = kernel_size
+    span_h = (out_h - 1) * stride1 + 1
+    span_w = (out_w - 1) * stride1 + 1
+    outs = []
+    for p in range(-radius, radius + 1):
+        for o in range(-radius, radius + 1):
+            acc = None
+            for ky in range(k):
+                for kx in range(k):
+                    y0, x0 = max_displacement + ky, max_displacement + kx
+                    a = p1[:, :, y0:y0 + span_h:stride1, x0:x0 + span_w:stride1]
+                    y2, x2 = y0 + p * stride2, x0 + o * stride2
+                    bb = p2[:, :, y2:y2 + span_h:stride1, x2:x2 + span_w:stride1]
+                    term = (a * bb).sum(1)
+                    acc = term if acc is None else acc + term
+            outs.append(acc)
+    return torch.stack(outs, 1) / float(k * k * c)
+
+
+def warp_reference(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Backward bilinear warp as Caffe's FlowWarp layer: out(x) = image(x + flow(x)).
+
+    image: [B, C, H, W]; flow: [B, 2, H, W] in pixels (u right, v down). Each of the four
+    bilinear neighbours that falls outside the image contributes zero (FlowWarp's border).
+    """
+    b, c, h, w = image.shape
+    ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
+    fx = xs + flow[:, 0]
+    fy = ys + flow[:, 1]
+    x0 = torch.floor(fx)
+    y0 = torch.floor(fy)
+    ax = fx - x0
+    ay = fy - y0
+    x0 = x0.long()
+    y0 = y0.long()
+    flat = image.reshape(b, c, h * w)
+    out = torch.zeros_like(image)
+    for dy, wy in ((0, 1 - ay), (1, ay)):
+        for dx, wx in ((0, 1 - ax), (1, ax)):
+            xi = x0 + dx
+            yi = y0 + dy
+            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).view(b, 1, h * w).expand(b, c, h * w)
+            vals = torch.gather(flat, 2, idx).view(b, c, h, w)
+            out = out + vals * (wy * wx * inside.to(image.dtype)).unsqueeze(1)
+    return out
+
+
+@torch.library.custom_op("edgeflow::correlation", mutates_args=())
+def correlation(f1: torch.Tensor, f2: torch.Tensor, kernel_size: int = 1, max_displacement: int = 20,
+                stride1: int = 1, stride2: int = 2, pad: int = 20) -> torch.Tensor:
+    """Custom-op form of `correlation_reference` (one node under torch.export)."""
+    return correlation_reference(f1, f2, kernel_size, max_displacement, stride1, stride2, pad)
+
+
+@correlation.register_fake
+def _(f1, f2, kernel_size=1, max_displacement=20, stride1=1, stride2=2, pad=20):
+    out_h, out_w = correlation_output_size(f1.shape[2], f1.shape[3], kernel_size=kernel_size,
+                                           max_displacement=max_displacement, stride1=stride1, pad=pad)
+    d = 2 * (max_displacement // stride2) + 1
+    return f1.new_empty(f1.shape[0], d * d, out_h, out_w)
+
+
+@torch.library.custom_op("edgeflow::warp", mutates_args=())
+def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Custom-op form of `warp_reference` (one node under torch.export)."""
+    return warp_reference(image, flow)
+
+
+@warp.register_fake
+def _(image, flow):
+    return torch.empty_like(image)
+
+
+def _register_recompute_autograd(op, reference, n_tensors: int) -> None:
+    """Autograd for a custom op: re-run its pure-torch reference and differentiate that."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.args = inputs[n_tensors:]
+
+    def backward(ctx, grad):
+        tensors = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = reference(*tensors, *ctx.args)
+        grads = torch.autograd.grad(out, tensors, grad)
+        return (*grads, *([None] * len(ctx.args)))
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_recompute_autograd(correlation, correlation_reference, 2)
+_register_recompute_autograd(warp, warp_reference, 2)

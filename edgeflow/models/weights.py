@@ -1,0 +1,129 @@
+"""edgeflow weight files: save, verify and load, never half-way.
+
+A weight file is `torch.save({"format": 1, "model": NAME, "state_dict": {...}, "meta": {...}})`
+with fp16 or fp32 tensors, loaded with `weights_only=True`. The weights edgeflow ships lie in
+`edgeflow/models/weights/NAME.pt`, listed with their sha256 in `weights/index.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from edgeflow.errors import InputError
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+INDEX = WEIGHTS_DIR / "index.json"
+FORMAT = 1
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shipped() -> dict[str, dict]:
+    """{model name: index entry} of the weights shipped in the package."""
+    return json.loads(INDEX.read_text()) if INDEX.exists() else {}
+
+
+def resolve(name: str, weights) -> Path:
+    """The weight file `weights` ("default" or a path) stands for, checked to exist."""
+    if weights == "default":
+        entry = shipped().get(name)
+        if entry is None:
+            have = ", ".join(sorted(shipped())) or "none"
+            raise InputError(f"no trained weights ship for {name!r} (shipped: {have}); "
+                             f"pass weights=None / --weights random for an untrained network")
+        path = WEIGHTS_DIR / entry["file"]
+        if sha256_file(path) != entry["sha256"]:
+            raise InputError(f"{path}: sha256 does not match weights/index.json; reinstall edgeflow")
+        return path
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(f"weight file {str(path)!r} does not exist")
+    return path
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The dict of an edgeflow weight file; InputError if it is not one."""
+    import torch
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise InputError(f"{path}: not a readable weight file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state_dict" not in blob:
+        raise InputError(f"{path}: not an edgeflow weight file (format {FORMAT}); "
+                         f"use `edgeflow import-weights` for official checkpoints")
+    return blob
+
+
+def check_state_dict(model, state_dict: dict, source: str) -> None:
+    """Raise InputError naming the first parameter of `model` that `state_dict` lacks or
+    gives another shape, or the first key `state_dict` has that `model` does not."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state_dict:
+            raise InputError(f"{source}: missing parameter {key!r} {tuple(value.shape)}")
+        if tuple(state_dict[key].shape) != tuple(value.shape):
+            raise InputError(f"{source}: parameter {key!r} has shape {tuple(state_dict[key].shape)}, "
+                             f"the model needs {tuple(value.shape)}")
+    extra = [k for k in state_dict if k not in own]
+    if extra:
+        raise InputError(f"{source}: unexpected parameter {extra[0]!r} (and {len(extra) - 1} more)")
+
+
+def load_into(model, name: str, weights) -> dict:
+    """Load `weights` ("default" or a path) into `model` (registry `name`); returns the meta.
+
+    Every shape is checked before anything is copied, so a bad file leaves the model as it was.
+    """
+    path = resolve(name, weights)
+    blob = read(path)
+    if blob.get("model") != name:
+        raise InputError(f"{path}: weights are for model {blob.get('model')!r}, not {name!r}")
+    sd = blob["state_dict"]
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return blob.get("meta", {})
+
+
+def save(model, name: str, path: str | os.PathLike, *, meta: dict | None = None, half: bool = True) -> str:
+    """Write `model`'s weights as an edgeflow weight file, atomically; returns its sha256."""
+    import torch
+
+    sd = {k: (v.half() if half and v.is_floating_point() else v).clone()
+          for k, v in model.state_dict().items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "model": name, "state_dict": sd, "meta": meta or {}}, tmp)
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def ship_weights(path: str | os.PathLike, name: str) -> Path:
+    """Install weight file `path` as the shipped weights of `name` and record its sha256."""
+    import shutil
+
+    blob = read(path)
+    if blob.get("model") != name:
+        raise InputError(f"{path}: weights are for model {blob.get('model')!r}, not {name!r}")
+    WEIGHTS_DIR.mkdir(exist_ok=True)
+    dest = WEIGHTS_DIR / f"{name}.pt"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, dest)
+    index = shipped()
+    index[name] = {"file": dest.name, "sha256": sha256_file(dest), "meta": blob.get("meta", {})}
+    tmp_index = INDEX.with_name("index.json.tmp")
+    tmp_index.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp_index, INDEX)
+    return dest

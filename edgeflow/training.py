@@ -1,0 +1,233 @@
+"""Training FlowNet2 models on synthetic pairs generated on the fly, on the CPU.
+
+Recipe (measured in MODEL_CARD.md): He initialisation, Adam at 4e-4 halved at 60/80/90 % of the
+steps, FlowNet's multi-scale EPE loss on flow6..flow2 with weights 0.32/0.08/0.02/0.01/0.005 and
+the target scaled by 1/20, a curriculum of crop sizes, flips and photometric augmentation. For a
+stack, the earlier stages are loaded from the shipped weights of the smaller model and frozen.
+Checkpoints (`ckpt.pt`) are written atomically and resumed; `log.jsonl` holds the curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LOSS_WEIGHTS = (0.005, 0.01, 0.02, 0.08, 0.32)  # flow2 .. flow6
+DIV_FLOW = 20.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (written to the checkpoint and the log)."""
+
+    model: str = "flownet2-s"
+    steps: int = 30000
+    batch: int = 8
+    lr: float = 4e-4
+    weight_decay: float = 4e-4
+    # (first step, H, W): crop size from that step on
+    curriculum: list = field(default_factory=lambda: [[0, 256, 320], [20000, 320, 448]])
+    seed: int = 0
+    workers: int = 1
+    eval_every: int = 1000
+    heldout_pairs: int = 64
+    heldout_size: tuple = (384, 512)
+    init_from: str | None = "default"  # weights of the frozen earlier stages of a stack
+
+    def size_at(self, step: int) -> tuple[int, int]:
+        size = self.curriculum[0][1:]
+        for start, h, w in self.curriculum:
+            if step >= start:
+                size = (h, w)
+        return tuple(size)
+
+    def lr_at(self, step: int) -> float:
+        """Adam learning rate: halved at 60 %, 80 % and 90 % of the steps."""
+        return self.lr * 0.5 ** sum(step >= f * self.steps for f in (0.6, 0.8, 0.9))
+
+
+def heldout_set(count: int, size: tuple[int, int], seed: int = 987654):
+    """The held-out synthetic pairs, fixed by `seed` (disjoint from training seeds)."""
+    from edgeflow.synth import generate_pair
+
+    rng = np.random.default_rng(seed)
+    return [generate_pair(rng, size) for _ in range(count)]
+
+
+def to_tensor_pair(img1: np.ndarray, img2: np.ndarray):
+    """BGR uint8 HxWx3 x2 -> float RGB [1,3,H,W] x2 in [0,1]."""
+    return _chw(img1[:, :, ::-1])[None] / 255, _chw(img2[:, :, ::-1])[None] / 255
+
+
+def augment(img1, img2, flow, rng: np.random.Generator):
+    """Random flips (flow signs follow) and a random colour-channel order; numpy HxWxC."""
+    if rng.random() < 0.5:
+        img1, img2, flow = img1[:, ::-1], img2[:, ::-1], flow[:, ::-1] * np.float32([-1, 1])
+    if rng.random() < 0.5:
+        img1, img2, flow = img1[::-1], img2[::-1], flow[::-1] * np.float32([1, -1])
+    perm = rng.permutation(3)
+    return img1[:, :, perm], img2[:, :, perm], flow
+
+
+def _chw(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float()
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """An endless stream of augmented synthetic pairs, seeded per worker.
+
+    Items are (img1 [3,H,W] float RGB in [0,1], img2, flow [2,H,W] in pixels). The crop size is
+    read from `size_value`, a shared (H, W) array the trainer moves along the curriculum.
+    """
+
+    def __init__(self, seed: int, size_value):
+        self.seed = seed
+        self.size_value = size_value
+
+    def __iter__(self):
+        from edgeflow.synth import generate_pair
+
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
+        while True:
+            img1, img2, flow = augment(*generate_pair(rng, tuple(self.size_value[:])), rng)
+            yield _chw(img1[:, :, ::-1]) / 255, _chw(img2[:, :, ::-1]) / 255, _chw(flow)
+
+
+def multiscale_loss(pyramid, flow):
+    """FlowNet's loss: sum over levels of weight x mean EPE(flowK, pooled target / 20).
+
+    pyramid: [flow2..flow6], each [B,2,H/2^K,W/2^K]; flow: [B,2,H,W] target in pixels.
+    """
+    import torch.nn.functional as F
+
+    target = flow / DIV_FLOW
+    total = 0.0
+    for weight, pred in zip(LOSS_WEIGHTS, pyramid):
+        factor = target.shape[2] // pred.shape[2]
+        t = F.avg_pool2d(target, factor, factor)
+        total = total + weight * torch.norm(pred - t, p=2, dim=1).mean()
+    return total
+
+
+def evaluate_pairs(model, pairs) -> float:
+    """Mean EPE (pixels) of `model` on a list of (img1, img2, flow) numpy pairs."""
+    from edgeflow.metrics import epe
+
+    errs = []
+    with torch.no_grad():
+        for img1, img2, flow in pairs:
+            a, b = to_tensor_pair(img1, img2)
+            pred = model(a, b)[0].permute(1, 2, 0).numpy()
+            errs.append(epe(pred, flow))
+    return float(np.mean(errs))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Train `config.model`, resuming from `out_dir/ckpt.pt` if it exists; returns the last log row.
+
+    Writes out_dir/ckpt.pt (model, optimiser, step, config), out_dir/log.jsonl (one JSON row per
+    evaluation: step, loss, lr, pairs_per_s, heldout_epe) and out_dir/best.pt (an edgeflow
+    weight file of the best held-out EPE so far).
+    """
+    import multiprocessing as mp
+
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from edgeflow.models import create, spec
+    from edgeflow.models import weights as wio
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    torch.manual_seed(config.seed)
+    model = create(config.model, weights=None)
+    stages = spec(config.model).stages
+    train_from = len(stages) - 1
+    if train_from and config.init_from:
+        _init_frozen_stages(model, stages, config.init_from)
+    for i, name in enumerate(model.names):
+        getattr(model, name).requires_grad_(i >= train_from)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    step, best = 0, math.inf
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, best = ck["step"], ck["best"]
+    heldout = heldout_set(config.heldout_pairs, config.heldout_size)
+    size_value = mp.Array("i", config.size_at(step), lock=False)
+    loader = DataLoader(PairStream(config.seed * 1000 + step, size_value), batch_size=config.batch,
+                        num_workers=config.workers, persistent_workers=config.workers > 0,
+                        prefetch_factor=4 if config.workers else None)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True)
+    it = iter(loader)
+    t0, pairs, last = time.time(), 0, {}
+    model.train()
+    while step < config.steps:
+        size_value[:] = config.size_at(step)
+        img1, img2, flow = next(it)
+        if tuple(img1.shape[2:]) != tuple(size_value[:]):
+            continue  # batch from before a curriculum change
+        for g in opt.param_groups:
+            g["lr"] = config.lr_at(step)
+        loss = multiscale_loss(model.pyramids(img1, img2, train_from=train_from), flow)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        pairs += img1.shape[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", size="x".join(map(str, size_value[:])))
+        if step % config.eval_every == 0 or step == config.steps:
+            model.eval()
+            err = evaluate_pairs(model, heldout)
+            model.train()
+            rate = pairs / (time.time() - t0)
+            last = {"step": step, "loss": round(loss.item(), 4), "lr": config.lr_at(step - 1),
+                    "size": list(size_value[:]), "pairs_per_s": round(rate, 2), "heldout_epe": round(err, 4),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.write(json.dumps(last))
+            if err < best:
+                best = err
+                wio.save(model.eval(), config.model, out / "best.pt",
+                         meta={"step": step, "heldout_epe": err, "config": asdict(config)})
+                model.train()
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                          "best": best, "config": asdict(config)}, ckpt_path)
+            t0, pairs = time.time(), 0
+    bar.close()
+    return last
+
+
+def _init_frozen_stages(model, stages: str, init_from) -> None:
+    """Load the stages before the last one from the weights of the model they form.
+
+    For 'ss' the first stage comes from flownet2-s's weights; for 'css' the first two come
+    from flownet2-cs's, and so on.
+    """
+    from edgeflow.models import create
+    from edgeflow.models.registry import SPECS
+
+    prefix = stages[:-1]
+    donor_name = next(s.name for s in SPECS.values() if s.stages == prefix and s.width == model.width)
+    donor = create(donor_name, weights=init_from)
+    for name in donor.names:
+        getattr(model, name).load_state_dict(getattr(donor, name).state_dict())
