@@ -1,0 +1,164 @@
+"""edgeflow.compile: FlowNet2 model -> TVM package for a Jetson board or a CPU.
+
+    compile(model, *, target, input_size, precision="fp32", prune=0.0, calibration=None,
+            out=path) -> path
+
+The stages (each its own module): frontend (torch.export -> Relax), lower (per-target
+pipelines, device code), package (the .tar writer). Importing this package imports neither
+torch nor TVM.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Callable
+
+from edgeflow.errors import InputError
+
+PRECISIONS = ("fp32", "fp16")
+# Largest EPE (pixels) between compiled and torch model accepted without --force.
+TOLERANCE = {"fp32": 0.01, "fp16": 0.25}
+ACCURACY_PAIRS = 2
+
+
+class AccuracyError(InputError):
+    """The compiled model's flow differs from the torch model's by more than the tolerance."""
+
+
+def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024), precision: str = "fp32",
+            prune: float = 0.0, calibration=None, out=None, weights="default", force: bool = False,
+            progress: Callable[[str], None] | None = None) -> Path:
+    """Compile `model` (registry name or torch module) for `target` into the package `out`.
+
+    input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". The package records the
+    EPE of the compiled model against the torch model on generated pairs; above
+    TOLERANCE[precision] nothing is written unless `force`. Returns the package path.
+    """
+    import time
+
+    from edgeflow import targets
+    from edgeflow.compile import frontend, lower
+    from edgeflow.compile.package import params_npz, write_package
+
+    say = progress or (lambda msg: None)
+    board = targets.get(target)
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if prune:
+        raise InputError("--prune: structured pruning is not available in this version (use 0)")
+    if calibration is not None:
+        raise InputError("--calib: calibration is used by int8 quantization, not available in this version")
+    torch_model, model_info = _resolve_model(model, weights)
+    h, w = input_size
+    name = model_info["name"]
+    out = Path(out or f"{name}-{board.name}-{precision}-{h}x{w}.tar")
+
+    t0 = time.time()
+    say(f"export   {name} at {h}x{w} (torch.export -> Relax)")
+    relax_model = frontend.to_relax(torch_model, (h, w))
+    say(f"lower    for {board.name} ({board.kind}{' ' + board.cuda_arch if board.is_cuda else ''}, {precision})")
+    ex, device_code = lower.build(relax_model.mod, board, precision)
+    say("verify   EPE against the torch model on generated pairs")
+    epe = _measure_epe(torch_model, relax_model, board, precision, ex, (h, w))
+    tolerance = TOLERANCE[precision]
+    if epe > tolerance and not force:
+        raise AccuracyError(f"compiled {name} differs from the torch model by EPE {epe:.4f} px "
+                            f"(tolerance {tolerance} px for {precision}); nothing written (--force to write anyway)")
+    say(f"package  {out}")
+    files = {"params.npz": params_npz(relax_model.param_names, relax_model.params)}
+    with _tempdir() as d:
+        lib = Path(d) / "model.so"
+        lower.export(ex, str(lib), board)
+        files["lib/model.so"] = lib.read_bytes()
+    if device_code is not None:
+        files["lib/kernels.cubin"] = device_code.cubin
+        files["lib/kernels.json"] = device_code.metadata_json().encode()
+    manifest = {
+        "model": model_info,
+        "input": {"height": h, "width": w, "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 1]},
+        "output": {"dtype": "float32", "units": "pixels"},
+        "precision": precision,
+        "pruning": {"ratio": 0.0},
+        "quantization": None,
+        "target": {"name": board.name, "kind": board.kind, "tvm_target": board.tvm_target_json(),
+                   "cuda_arch": board.cuda_arch, "cuda_version": board.cuda_version,
+                   "host_triple": board.host_triple, "machine": platform.machine()},
+        "versions": _versions(),
+        "params": {"order": relax_model.param_names},
+        "accuracy": {"epe_vs_torch": round(epe, 6), "frames": ACCURACY_PAIRS, "tolerance": tolerance,
+                     "measured_on": "generated pairs",
+                     "measured_with": "this build" if not board.is_cuda else
+                     "an LLVM build of the same Relax module and precision (no GPU at compile time)"},
+        "kernels": device_code.kernels if device_code else [],
+        "compile_seconds": round(time.time() - t0, 1),
+    }
+    return write_package(out, manifest, files)
+
+
+def _resolve_model(model, weights):
+    """(torch module, manifest model info) for a registry name or a module."""
+    from edgeflow.models import create, spec
+
+    if isinstance(model, str):
+        s = spec(model)
+        if weights == "random":
+            weights = None
+        module = create(model, weights=weights)
+        return module, {"name": s.name, "stages": s.stages, "width": s.width,
+                        "weights": "random" if weights is None else str(weights),
+                        "weights_sha256": _weights_sha(model, weights)}
+    return model, {"name": type(model).__name__, "stages": getattr(model, "stages", None),
+                   "width": getattr(model, "width", None), "weights": "module", "weights_sha256": None}
+
+
+def _weights_sha(name, weights):
+    if weights is None:
+        return None
+    from edgeflow.models.weights import resolve, sha256_file
+
+    return sha256_file(resolve(name, weights))
+
+
+def _measure_epe(torch_model, relax_model, board, precision, ex, size) -> float:
+    """Mean EPE between the compiled model and the torch model on generated pairs."""
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax
+
+    from edgeflow import targets
+    from edgeflow.compile import lower
+    from edgeflow.synth import generate_pair
+
+    if board.is_cuda or board.cross_compiled:  # cannot run here: run the same module built for this CPU
+        ex, _ = lower.build(relax_model.mod, targets.get("host"), precision)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    params = [tvm.runtime.tensor(p) for p in relax_model.params]
+    rng = np.random.default_rng(20261124)
+    errs = []
+    for _ in range(ACCURACY_PAIRS):
+        img1, img2, _flow = generate_pair(rng, size)
+        a = np.ascontiguousarray(img1[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255
+        b = np.ascontiguousarray(img2[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255
+        got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), *params)
+        got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+        with torch.no_grad():
+            want = torch_model(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+        errs.append(float(np.sqrt(((got - want) ** 2).sum(1)).mean()))
+    return float(np.mean(errs))
+
+
+def _versions() -> dict:
+    import torch
+    import tvm
+
+    from edgeflow import __version__
+
+    return {"edgeflow": __version__, "tvm": tvm.__version__, "torch": torch.__version__}
+
+
+def _tempdir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="edgeflow-")

@@ -2,7 +2,8 @@
 
 A JetPack 6 board runs CUDA 12.6 and will not load cubins from a newer toolkit, so device code
 is compiled with the NVRTC and ptxas of the board's CUDA release, installed from PyPI
-(`nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvcc-cu12`, `nvidia-cuda-runtime-cu12` for the headers)
+(`nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvcc-cu12`, and the headers of `nvidia-cuda-runtime-cu12`
+and `nvidia-cuda-cccl-cu12`)
 into `<venv>/cuda/<version>` by the Makefile. NVRTC is loaded with ctypes; no nvcc needed.
 """
 
@@ -24,12 +25,13 @@ TOOLCHAIN_ROOT = Path(os.environ.get("EDGEFLOW_CUDA_ROOT", Path(sys.prefix) / "c
 
 @dataclass(frozen=True)
 class Toolchain:
-    """One CUDA release's NVRTC library, ptxas binary and include directory."""
+    """One CUDA release's NVRTC library, ptxas binary and include directories."""
 
     version: str
     nvrtc: Path
     ptxas: Path
-    include: Path
+    include: Path  # the runtime headers (cuda_fp16.h, ...)
+    cccl_include: Path  # libcu++ (cuda/std/...), which TVM's CUDA code includes
 
 
 def toolchain(cuda_version: str) -> Toolchain:
@@ -37,8 +39,9 @@ def toolchain(cuda_version: str) -> Toolchain:
     base = TOOLCHAIN_ROOT / cuda_version / "nvidia"
     libs = sorted((base / "cuda_nvrtc" / "lib").glob("libnvrtc.so*"))
     tc = Toolchain(cuda_version, libs[0] if libs else base / "cuda_nvrtc/lib/libnvrtc.so",
-                   base / "cuda_nvcc" / "bin" / "ptxas", base / "cuda_runtime" / "include")
-    missing = [p for p in (tc.nvrtc, tc.ptxas, tc.include) if not p.exists()]
+                   base / "cuda_nvcc" / "bin" / "ptxas", base / "cuda_runtime" / "include",
+                   base / "cuda_cccl" / "include")
+    missing = [p for p in (tc.nvrtc, tc.ptxas, tc.include, tc.cccl_include) if not p.exists()]
     if missing:
         raise MissingDependency(
             f"CUDA {cuda_version} device toolchain not found ({missing[0]}); install it with "
@@ -67,7 +70,7 @@ def cuda_to_ptx(source: str, arch: str, tc: Toolchain) -> str:
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"edgeflow.cu", 0, None, None))
     try:
         opts = [f"--gpu-architecture=compute_{arch.split('_')[1]}", "--std=c++17", "-default-device",
-                f"-I{tc.include}"]
+                f"-I{tc.include}", f"-I{tc.cccl_include}"]
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         _check(lib, lib.nvrtcCompileProgram(prog, len(opts), arr), prog)
         size = ctypes.c_size_t()

@@ -1,0 +1,131 @@
+"""Lowering per target: Relax -> a TVM executable, with ahead-of-time device code for Jetsons.
+
+CUDA: mixed precision when asked, our hand schedules for the custom ops, dlight's default GPU
+schedules for the rest; TVM's CUDA codegen gives CUDA C, which `cuda_toolchain` compiles with the
+NVRTC/ptxas of the board's CUDA release into a cubin; the host part is cross-compiled for aarch64.
+CPU: LLVM for the board's (or this machine's) CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DeviceCode:
+    """Device code of one CUDA build: the CUDA C, its cubin, TVM's function info, ptxas stats."""
+
+    source: str = ""
+    cubin: bytes = b""
+    func_info: dict = field(default_factory=dict)
+    kernels: list = field(default_factory=list)  # KernelResources as dicts
+
+    def metadata_json(self) -> str:
+        """The function-info JSON that `runtime.LoadMetaDataFromJSON` reads on the device."""
+        import tvm
+
+        return json.dumps({"tvm_version": tvm.__version__, "func_info": self.func_info})
+
+
+_collector: list[DeviceCode] = []
+
+
+def _param_type(p) -> str:
+    try:
+        return str(p.dtype)
+    except AttributeError:  # pointer-typed parameters have no dtype
+        return "handle"
+
+
+def _install_cuda_hook() -> None:
+    """Wrap TVM's `target.build.cuda` so every CUDA build also yields our cubin."""
+    import tvm
+    import tvm_ffi
+
+    if getattr(_install_cuda_hook, "done", False):
+        return
+    original = tvm.get_global_func("target.build.cuda")
+
+    @tvm_ffi.register_global_func("target.build.cuda", override=True)
+    def build_cuda(mod, target):
+        module = original(mod, target)
+        if _collector:
+            code = _collector[-1]
+            code.source = module.inspect_source()
+            for gv, func in mod.functions.items():
+                code.func_info[str(func.attrs["global_symbol"])] = {
+                    "name": "", "arg_types": [_param_type(p) for p in func.params],
+                    "launch_param_tags": [str(t) for t in func.attrs.get("tirx.kernel_launch_params", [])]}
+        return module
+
+    _install_cuda_hook.done = True
+
+
+def _drop_device_imports(module) -> None:
+    """Remove the CUDA-source modules from a library's import tree (the cubin ships apart)."""
+    kids = list(module.imports)
+    if any(c.kind == "cuda" for c in kids):
+        module.clear_imports()
+        for c in kids:
+            if c.kind != "cuda":
+                module.import_module(c)
+    for c in kids:
+        if c.kind != "cuda":
+            _drop_device_imports(c)
+
+
+def build(mod, board, precision: str = "fp32"):
+    """Lower `mod` for `board`; returns (executable, DeviceCode or None)."""
+    import tvm
+    import tvm.s_tir.dlight as dl
+    from tvm import relax
+
+    target = board.tvm_target()
+    if precision == "fp16":
+        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    with target:
+        mod = relax.get_pipeline("zero")(mod)
+        mod = _apply_hand_schedules(mod, target, board)
+        if board.is_cuda:
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    if not board.is_cuda:
+        return tvm.compile(mod, target=target), None
+    from edgeflow.compile.cuda_toolchain import compile_cuda
+
+    _install_cuda_hook()
+    code = DeviceCode()
+    _collector.append(code)
+    try:
+        ex = tvm.compile(mod, target=target)
+    finally:
+        _collector.pop()
+    code.cubin, resources = compile_cuda(code.source, board.cuda_arch, board.cuda_version)
+    code.kernels = [r.__dict__ for r in resources]
+    return ex, code
+
+
+def _apply_hand_schedules(mod, target, board):
+    try:
+        from edgeflow.compile.ops import apply_hand_schedules
+    except ImportError:
+        return mod
+    return apply_hand_schedules(mod, target, board.limits() if board.is_cuda else None)
+
+
+def export(ex, path: str, board) -> None:
+    """Write the executable's host library to `path`, cross-compiled for the board's CPU."""
+    import shutil
+
+    from edgeflow.errors import MissingDependency
+
+    kwargs = {}
+    if board.cross_compiled:
+        if shutil.which(board.cross_cc) is None:
+            raise MissingDependency(f"cross compiler {board.cross_cc} not found; install it with "
+                                    f"`apt-get install g++-aarch64-linux-gnu` (make install does)")
+        kwargs["cc"] = board.cross_cc
+    if board.is_cuda:
+        _drop_device_imports(ex.mod)
+    ex.export_library(path, **kwargs)
