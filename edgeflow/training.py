@@ -92,8 +92,11 @@ class PairStream(torch.utils.data.IterableDataset):
         self.size_value = size_value
 
     def __iter__(self):
+        import cv2
+
         from edgeflow.synth import generate_pair
 
+        cv2.setNumThreads(1)  # one generator per worker process
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
         while True:
