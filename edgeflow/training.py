@@ -174,10 +174,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
         opt.load_state_dict(ck["optimizer"])
         step, best = ck["step"], ck["best"]
     heldout = heldout_set(config.heldout_pairs, config.heldout_size)
-    size_value = mp.Array("i", config.size_at(step), lock=False)
+    size_value = mp.get_context("spawn").Array("i", config.size_at(step), lock=False)
     loader = DataLoader(PairStream(config.seed * 1000 + step, size_value), batch_size=config.batch,
                         num_workers=config.workers, persistent_workers=config.workers > 0,
-                        prefetch_factor=4 if config.workers else None)
+                        prefetch_factor=4 if config.workers else None,
+                        # OpenCV's thread pool does not survive fork: start workers fresh
+                        multiprocessing_context="spawn" if config.workers else None)
     bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True)
     it = iter(loader)
     t0, pairs, last = time.time(), 0, {}

@@ -1,0 +1,42 @@
+"""`edgeflow compile [MODEL] --target T`: a thin shell over `edgeflow.compile.compile`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compile")(compile_cmd)
+
+
+def compile_cmd(
+    model: str = typer.Argument("flownet2-s", help="Registry name (see `edgeflow models`)."),
+    target: str = typer.Option("jetson", "--target", "-t", help="Board or CPU (see `edgeflow targets`)."),
+    weights: str = typer.Option("default", help="default (shipped), random (untrained), or a weight file."),
+    precision: str = typer.Option("fp32", help="fp32 or fp16."),
+    prune: float = typer.Option(0.0, help="Share of channels to remove (structured pruning)."),
+    calib: str = typer.Option(None, "--calib", help="Calibration data directory (int8)."),
+    size: str = typer.Option("448x1024", help="Network input size HxW, multiples of 64."),
+    out: str = typer.Option(None, "-o", "--out", help="Package path (default: MODEL-TARGET-PRECISION-HxW.tar)."),
+    force: bool = typer.Option(False, help="Write the package even if its EPE exceeds the tolerance."),
+) -> None:
+    """Compile MODEL for TARGET into a self-describing package (.tar)."""
+    import json
+    import tarfile
+    import time
+
+    from edgeflow.cli.options import parse_size
+    from edgeflow.compile import compile
+    from edgeflow.models import spec
+
+    spec(model)
+    if weights == "random":
+        typer.echo(f"warning: compiling {model} with random (untrained) weights", err=True)
+    t0 = time.time()
+    path = compile(model, target=target, input_size=parse_size(size), precision=precision, prune=prune,
+                   calibration=calib, out=out, weights=weights, force=force,
+                   progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
+    with tarfile.open(path) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+    typer.echo(f"{path}: {manifest['model']['name']} for {manifest['target']['name']}, "
+               f"{manifest['precision']}, EPE vs torch {manifest['accuracy']['epe_vs_torch']:.4f} px")

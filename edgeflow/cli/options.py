@@ -1,0 +1,16 @@
+"""Option parsing shared by several commands."""
+
+from __future__ import annotations
+
+from edgeflow.errors import InputError
+
+
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'448x1024' -> (448, 1024); InputError naming `flag` otherwise."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected HxW, e.g. 448x1024") from None
+    if h <= 0 or w <= 0:
+        raise InputError(f"{flag} {text!r}: expected positive HxW, e.g. 448x1024")
+    return h, w
