@@ -1,0 +1,42 @@
+"""The device side: load a compiled package and run optical flow on image pairs and video streams.
+
+    engine = edgeflow.runtime.load("flownet2-s.tar")     # verifies hashes, format, target
+    flow = engine(img1, img2)                            # uint8 BGR/gray -> float32 HxWx2 pixels
+    for r in engine.stream("csi://0"):                   # r.frame, r.flow, r.timings, r.network_fps
+        ...
+
+Imports only numpy, OpenCV and the TVM runtime: no torch, no TVM compiler is needed here.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["load", "Engine", "read_package", "open_source", "stream", "Result"]
+
+
+def load(path: str | os.PathLike, device: str | None = None):
+    """The Engine of the package at `path` on `device` ("cpu", "cuda", "cuda:N"; None = the
+    package's kind). PackageError if the package is damaged, of an unknown format, or for a
+    target this machine cannot run."""
+    from edgeflow.runtime.engine import Engine
+    from edgeflow.runtime.package import read_package
+
+    manifest, directory = read_package(path, device=device)
+    return Engine(manifest, directory, device)
+
+
+def __getattr__(name: str):  # lazy: `import edgeflow.runtime` stays cheap
+    if name == "Engine":
+        from edgeflow.runtime.engine import Engine as value
+    elif name == "read_package":
+        from edgeflow.runtime.package import read_package as value
+    elif name == "open_source":
+        from edgeflow.runtime.sources import open_source as value
+    elif name in ("stream", "Result"):
+        from edgeflow.runtime import pipeline
+
+        value = getattr(pipeline, name)
+    else:
+        raise AttributeError(f"module 'edgeflow.runtime' has no attribute {name!r}")
+    return value

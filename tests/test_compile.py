@@ -1,0 +1,126 @@
+"""The compiler: packages for the host CPU and for the Jetson, their manifests and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+
+from edgeflow.errors import InputError
+
+pytestmark = pytest.mark.tvm
+SIZE = (64, 128)
+
+
+def manifest_of(path):
+    with tarfile.open(path) as tar:
+        return json.load(tar.extractfile("manifest.json")), tar.getnames()
+
+
+@pytest.fixture(scope="module")
+def jetson_package(tmp_path_factory):
+    from edgeflow.compile import compile
+
+    return compile("flownet2-s", target="jetson", input_size=SIZE, weights="random",
+                   out=tmp_path_factory.mktemp("pkg") / "s-orin.tar")
+
+
+def test_jetson_package_is_aarch64_with_sm87_cubin(jetson_package, tmp_path):
+    manifest, names = manifest_of(jetson_package)
+    assert set(names) == {"manifest.json", "params.npz", "lib/model.so", "lib/kernels.cubin", "lib/kernels.json"}
+    with tarfile.open(jetson_package) as tar:
+        tar.extractall(tmp_path, filter="data")
+    so = (tmp_path / "lib/model.so").read_bytes()
+    assert so[:4] == b"\x7fELF" and int.from_bytes(so[18:20], "little") == 183  # EM_AARCH64
+    cubin = (tmp_path / "lib/kernels.cubin").read_bytes()
+    assert cubin[:4] == b"\x7fELF" and int.from_bytes(cubin[18:20], "little") == 190  # EM_CUDA
+    # the cubin's ELF flags carry the SM version (low byte: 87 for sm_87)
+    assert int.from_bytes(cubin[48:52], "little") & 0xFF == 87
+    assert b"__global__" not in so  # device code ships as the cubin, not as CUDA source
+    assert manifest["target"]["cuda_arch"] == "sm_87" and manifest["target"]["cuda_version"] == "12.6"
+    kernels = manifest["kernels"]
+    assert kernels and all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in kernels)
+    assert all(k["registers"] <= 255 for k in kernels)
+    assert manifest["accuracy"]["epe_vs_torch"] < 0.01
+    if shutil.which("file"):
+        assert "aarch64" in subprocess.run(["file", str(tmp_path / "lib/model.so")], capture_output=True,
+                                           text=True).stdout
+
+
+def test_kernel_metadata_loads(jetson_package):
+    import tvm  # noqa: F401  (registers runtime.LoadMetaDataFromJSON)
+    import tvm_ffi
+
+    with tarfile.open(jetson_package) as tar:
+        meta = tar.extractfile("lib/kernels.json").read().decode()
+        manifest = json.load(tar.extractfile("manifest.json"))
+    fmap = tvm_ffi.get_global_func("runtime.LoadMetaDataFromJSON")(meta)
+    assert len(fmap) == len(manifest["kernels"])
+
+
+def test_manifest_hashes_cover_every_file(jetson_package):
+    import hashlib
+
+    manifest, names = manifest_of(jetson_package)
+    with tarfile.open(jetson_package) as tar:
+        for name in names:
+            if name != "manifest.json":
+                assert hashlib.sha256(tar.extractfile(name).read()).hexdigest() == manifest["files"][name]
+    assert manifest["format_version"] == 1
+    assert set(manifest["versions"]) == {"edgeflow", "tvm", "torch"}
+
+
+def test_host_compile_matches_torch(tmp_path):
+    import torch
+    import tvm
+    from tvm import relax
+
+    from edgeflow.compile import frontend, lower
+    from edgeflow.models import create
+    from edgeflow.targets import get
+
+    torch.manual_seed(0)
+    model = create("flownet2-s", weights=None)
+    rm = frontend.to_relax(model, SIZE)
+    ex, code = lower.build(rm.mod, get("host"), "fp32")
+    assert code is None
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 3, *SIZE), dtype=np.float32)
+    b = np.roll(a, 2, axis=3)
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), *[tvm.runtime.tensor(p) for p in rm.params])
+    got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+    with torch.no_grad():
+        want = model(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert np.sqrt(((got - want) ** 2).sum(1)).mean() < 0.01
+
+
+def test_bad_inputs(tmp_path):
+    from edgeflow.compile import compile
+
+    with pytest.raises(InputError, match="choices: .*jetson"):
+        compile("flownet2-s", target="jetson-tx9", input_size=SIZE, weights="random", out=tmp_path / "x.tar")
+    with pytest.raises(InputError, match="multiples of 64"):
+        compile("flownet2-s", target="host", input_size=(100, 128), weights="random", out=tmp_path / "x.tar")
+    with pytest.raises(InputError, match="--precision"):
+        compile("flownet2-s", target="host", input_size=SIZE, precision="fp8", weights="random", out=tmp_path / "x.tar")
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_targets_table():
+    from edgeflow import targets
+
+    assert targets.get("jetson").name == "jetson-orin-nano"
+    for name in targets.names():
+        board = targets.get(name)
+        t = board.tvm_target()
+        if board.is_cuda:
+            assert t.kind.name == "cuda" and str(t.attrs["arch"]) == board.cuda_arch
+            assert t.host.kind.name == "llvm" and str(t.host.attrs["mtriple"]) == "aarch64-linux-gnu"
+            assert board.peak_fp16_tflops > 0 and board.memory_bandwidth_gbs > 0
+    orin = targets.get("jetson-orin-nano").tvm_target()
+    assert str(orin.host.attrs["mcpu"]) == "cortex-a78"  # TVM's own tag says carmel
