@@ -35,13 +35,27 @@ def run_cmd(
 ) -> None:
     """Run optical flow on a video source and write colour-coded flow (PNG + .flo, or a video)."""
     import edgeflow.runtime as rt
-    from edgeflow.runtime.pipeline import Stats
     from edgeflow.runtime.sources import open_source, parse_uri
 
     parse_uri(source)  # an unknown scheme fails before the package is loaded
     engine = rt.load(package, device=device)
     src = open_source(source)
-    sink = _sink(output, fps=src.fps or 30.0, max_flow=max_flow)
+    try:
+        sink = _sink(output, fps=src.fps or 30.0, max_flow=max_flow)
+        stats = _run(engine, src, sink, max_frames)
+    finally:
+        src.close()
+    s = stats.summary()
+    where = f" -> {sink.describe()}" if output else ""
+    typer.echo(f"{stats.count} flow fields from {source}{where}: pipeline {s['pipeline_fps']:.1f} fps, "
+               f"network {s['network_fps']:.1f} fps (per pair: capture {s['capture']:.1f} ms, preprocess "
+               f"{s['preprocess']:.1f} ms, network {s['network']:.1f} ms, postprocess {s['postprocess']:.1f} ms)")
+
+
+def _run(engine, src, sink, max_frames: int | None):
+    """Stream `src` through `engine` into `sink`; Ctrl-C ends the stream and keeps what was written."""
+    from edgeflow.runtime.pipeline import Stats
+
     stats = Stats()
     results = engine.stream(src, max_frames=max_frames)
     try:
@@ -55,13 +69,8 @@ def run_cmd(
         raise
     finally:
         results.close()
-        src.close()
     sink.close()
-    s = stats.summary()
-    where = f" -> {sink.describe()}" if output else ""
-    typer.echo(f"{stats.count} flow fields from {source}{where}: pipeline {s['pipeline_fps']:.1f} fps, "
-               f"network {s['network_fps']:.1f} fps (per pair: capture {s['capture']:.1f} ms, preprocess "
-               f"{s['preprocess']:.1f} ms, network {s['network']:.1f} ms, postprocess {s['postprocess']:.1f} ms)")
+    return stats
 
 
 def _sink(output: str | None, *, fps: float, max_flow: float | None):
