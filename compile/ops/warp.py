@@ -1,0 +1,134 @@
+"""Backward bilinear warping (FlowNet2's FlowWarp) as TIR, with CUDA and CPU schedules.
+
+out[n, c, y, x] = sum over the four neighbours (yi, xi) of (x + u, y + v) of
+                  image[n, c, yi, xi] * bilinear weight, neighbours outside the image adding 0,
+with (u, v) = flow[n, :, y, x] in pixels. Inputs fp32 or fp16, arithmetic in fp32.
+
+One block, `warp`. The coordinates and weights of a pixel are the same for all its channels:
+both schedules give a thread (CUDA) or a loop iteration (CPU) one pixel and unroll the channels
+inside it, so they are computed once per pixel (common subexpressions after unrolling).
+"""
+
+from __future__ import annotations
+
+from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR, gpu_limits, is_cuda, node_args
+
+ACC = "float32"
+MAX_UNROLLED_CHANNELS = 16
+
+
+def warp_te(image, flow, dtype: str):
+    """TE compute: image [B, C, H, W], flow [B, 2, H, W] -> warped image [B, C, H, W]."""
+    from tvm import te, tirx
+
+    b, c, h, w = (int(s) for s in image.shape)
+    zero, one = tirx.const(0, ACC), tirx.const(1, ACC)
+
+    def fn(n, ch, y, x):
+        fx = x.astype(ACC) + flow[n, 0, y, x].astype(ACC)
+        fy = y.astype(ACC) + flow[n, 1, y, x].astype(ACC)
+        x0f, y0f = te.floor(fx), te.floor(fy)
+        ax, ay = fx - x0f, fy - y0f
+        x0, y0 = x0f.astype("int32"), y0f.astype("int32")
+        total = zero
+        for dy, wy in ((0, one - ay), (1, ay)):
+            for dx, wx in ((0, one - ax), (1, ax)):
+                yi, xi = y0 + dy, x0 + dx
+                inside = tirx.all(xi >= 0, xi < w, yi >= 0, yi < h)
+                v = image[n, ch, te.max(te.min(yi, h - 1), 0), te.max(te.min(xi, w - 1), 0)].astype(ACC)
+                total = total + te.if_then_else(inside, v, zero) * (wy * wx)
+        return total.astype(dtype)
+
+    return te.compute((b, c, h, w), fn, name="warp")
+
+
+def warp_primfunc(image_shape, *, dtype: str = "float32"):
+    """Unscheduled PrimFunc `(image, flow, out)` of backward warping, with the attributes
+    `edgeflow.op = "warp"` and `edgeflow.params`."""
+    from tvm import te
+
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 4:
+        raise ValueError(f"warp image must be NCHW, got shape {shape}")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"warp dtype must be float32 or float16, got {dtype}")
+    image = te.placeholder(shape, dtype, "image")
+    flow = te.placeholder((shape[0], 2, shape[2], shape[3]), dtype, "flow")
+    func = te.create_prim_func([image, flow, warp_te(image, flow, dtype)]).without_attr("global_symbol")
+    return func.with_attrs({OP_ATTR: "warp", PARAMS_ATTR: {"dtype": dtype}, **OPAQUE})
+
+
+def _schedule_cuda(func, limits):
+    from tvm import s_tir
+
+    lim = gpu_limits(limits)
+    sch = s_tir.Schedule(func)
+    blk = sch.get_sblock("warp")
+    n, c, y, x = sch.get_loops(blk)
+    b, ch, h, w = (int(s) for s in func.params[0].shape)
+    pixels = b * h * w
+    # one pixel per thread, consecutive x in consecutive lanes (coalesced flow reads and stores);
+    # 256 threads unless that leaves SMs idle
+    threads = min(256, lim.max_threads_per_block)
+    while threads > 64 and -(-pixels // threads) < 2 * lim.sm_count:
+        threads //= 2
+    sch.reorder(n, y, x, c)
+    fused = sch.fuse(n, y, x)
+    bx, tx = sch.split(fused, [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    if ch <= MAX_UNROLLED_CHANNELS:
+        sch.unroll(c)
+    return sch.mod["main"]
+
+
+def _schedule_cpu(func):
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blk = sch.get_sblock("warp")
+    n, c, y, x = sch.get_loops(blk)
+    ch = int(func.params[0].shape[1])
+    # rows in parallel; per pixel the channels unrolled (the gathers do not vectorise)
+    sch.reorder(n, y, x, c)
+    sch.parallel(sch.fuse(n, y))
+    if ch <= MAX_UNROLLED_CHANNELS:
+        sch.unroll(c)
+    return sch.mod["main"]
+
+
+def schedule_warp(func, target, limits=None):
+    """The hand-scheduled form of `func` (from `warp_primfunc`) for a CUDA or LLVM `target`,
+    marked `tirx.is_scheduled`."""
+    import tvm
+
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    if is_cuda(target):
+        sched = _schedule_cuda(func, gpu_limits(limits, target))
+    elif str(target.kind.name) == "llvm":
+        sched = _schedule_cpu(func)
+    else:
+        raise ValueError(f"no warp schedule for target kind {target.kind.name}")
+    return sched.with_attrs({OP_ATTR: "warp", PARAMS_ATTR: func.attrs[PARAMS_ATTR],
+                             "tirx.is_scheduled": True, "tir.is_scheduled": True})
+
+
+def emit_warp(bb, image, flow):
+    """Emit `call_tir` of the unscheduled warp PrimFunc into Relax BlockBuilder `bb`."""
+    from tvm import relax
+
+    shape = [int(s) for s in image.ty.shape.values]
+    dtype = str(image.ty.dtype)
+    flow_shape = [int(s) for s in flow.ty.shape.values]
+    if flow_shape != [shape[0], 2, shape[2], shape[3]]:
+        raise ValueError(f"warp: flow shape {flow_shape} does not match image shape {shape}")
+    if str(flow.ty.dtype) != dtype:
+        flow = bb.emit(relax.op.astype(flow, dtype))
+    gv = bb.add_func(warp_primfunc(shape, dtype=dtype), "warp")
+    return bb.emit(relax.call_tir(gv, [image, flow], relax.TensorType(shape, dtype)))
+
+
+def convert_warp(node, importer):
+    """custom_convert_map entry for `edgeflow::warp`: (fx node, importer) -> relax var."""
+    args = node_args(node, ("image", "flow"))
+    return emit_warp(importer.block_builder, importer.env[args["image"]], importer.env[args["flow"]])
