@@ -58,7 +58,7 @@ def write_flow(path: str | os.PathLike, flow: np.ndarray) -> None:
         buf = io.BytesIO()
         np.save(buf, flow)
         data = buf.getvalue()
-    _write_atomic(path, data)
+    write_atomic(path, data)
 
 
 def known(flow: np.ndarray) -> np.ndarray:
@@ -130,7 +130,9 @@ def _encode_kitti(path: Path, flow: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same directory and os.replace: a
+    reader never sees a partial file."""
     if not path.parent.is_dir():
         raise InputError(f"{path}: directory {str(path.parent)!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

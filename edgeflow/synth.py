@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from edgeflow.errors import EdgeflowError, InputError
+from edgeflow.flow_io import write_atomic
 
 TEXTURES = 48  # textures in the bank
 TEXTURE_SIDE = 512  # side of a bank texture, pixels
@@ -551,21 +552,11 @@ def _check(count: int, size: tuple[int, int], what: str) -> tuple[int, int]:
     return h, w
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_png(path: Path, img: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    _write_atomic(path, buf.tobytes())
+    write_atomic(path, buf.tobytes())
 
 
 def _bar(total: int, progress: bool, unit: str):

@@ -8,7 +8,6 @@ and prints one summary line with pipeline and network fps. Ctrl-C stops a live s
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -115,7 +114,7 @@ class _DirSink(_NullSink):
         import cv2
 
         from edgeflow.errors import InputError
-        from edgeflow.flow_io import write_flow
+        from edgeflow.flow_io import write_atomic, write_flow
         from edgeflow.visualize import flow_to_color
 
         stem = self.directory / f"flow_{index:05d}"
@@ -123,7 +122,7 @@ class _DirSink(_NullSink):
         ok, png = cv2.imencode(".png", flow_to_color(flow, self.max_flow))
         if not ok:
             raise InputError(f"{stem}.png: OpenCV could not encode the image")
-        _write_atomic(stem.with_suffix(".png"), png.tobytes())
+        write_atomic(stem.with_suffix(".png"), png.tobytes())
 
 
 class _VideoSink(_NullSink):
@@ -168,14 +167,3 @@ class _VideoSink(_NullSink):
             self.writer.release()
             self.writer = None
         self.tmp.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
