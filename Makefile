@@ -3,23 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
-# Device toolchain of JetPack 6 (CUDA 12.6): NVRTC, ptxas and headers, from PyPI.
-CUDA126 := nvidia-cuda-nvrtc-cu12==12.6.85 nvidia-cuda-nvcc-cu12==12.6.85 \
-           nvidia-cuda-runtime-cu12==12.6.77 nvidia-cuda-cccl-cu12==12.6.77
+# Device toolchains (NVRTC, ptxas, headers from PyPI), one per CUDA release of the boards:
+# JetPack 6 (Orin) runs CUDA 12.6, JetPack 5 (Xavier) CUDA 11.8.
+CUDA_12.6 := nvidia-cuda-nvrtc-cu12==12.6.85 nvidia-cuda-nvcc-cu12==12.6.85 \
+             nvidia-cuda-runtime-cu12==12.6.77 nvidia-cuda-cccl-cu12==12.6.77
+CUDA_11.8 := nvidia-cuda-nvrtc-cu11==11.8.89 nvidia-cuda-nvcc-cu11==11.8.89 \
+             nvidia-cuda-runtime-cu11==11.8.89 nvidia-cuda-cccl-cu11==11.8.89.post1
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cross-compiler
+.PHONY: install test demo bench clean cross-compiler cuda-12.6 cuda-11.8
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk, so nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[compile,dev]'
-	# one pip call: `pip --target` replaces the whole nvidia/ folder on each call
-	$(BIN)/pip install --quiet --no-deps --target $(VENV)/cuda/12.6 $(CUDA126)
-	$(MAKE) cross-compiler
+	$(MAKE) cuda-12.6 cuda-11.8 cross-compiler
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+# One pip call per release: `pip --target` replaces the whole nvidia/ folder on each call.
+cuda-%:
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/$* $(CUDA_$*)
 
 # The aarch64 cross toolchain for the host part of Jetson packages (Debian's package).
 cross-compiler:
@@ -34,6 +39,20 @@ test: install
 
 demo: install
 	$(BIN)/python -m edgeflow.demo out
+
+# Speed against ONNX Runtime and PyTorch on the same network, size and threads, in one run, and
+# the correlation operator against TOPI and torch; JSON under out/bench/. Random weights: speed
+# does not depend on them. 384x512: the untuned TVM CPU build takes seconds per pair at this size.
+bench: install
+	mkdir -p out/bench
+	$(BIN)/edgeflow compile flownet2-s --target host --size 384x512 --weights random \
+	  -o out/bench/flownet2-s-host-384x512.tar
+	$(BIN)/edgeflow bench out/bench/flownet2-s-host-384x512.tar --vs onnxruntime,torch --json \
+	  > out/bench/flownet2-s-host-384x512.json.tmp
+	mv out/bench/flownet2-s-host-384x512.json.tmp out/bench/flownet2-s-host-384x512.json
+	$(BIN)/python bench/correlation.py --json > out/bench/correlation.json.tmp
+	mv out/bench/correlation.json.tmp out/bench/correlation.json
+	cat out/bench/flownet2-s-host-384x512.json out/bench/correlation.json
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

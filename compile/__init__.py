@@ -58,15 +58,17 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     say(f"export   {name} at {h}x{w} (torch.export -> Relax)")
     relax_model = frontend.to_relax(torch_model, (h, w))
     say(f"lower    for {board.name} ({board.kind}{' ' + board.cuda_arch if board.is_cuda else ''}, {precision})")
-    ex, device_code = lower.build(relax_model.mod, board, precision)
+    mod, params, param_names = lower.prepare(relax_model.mod, relax_model.params, relax_model.param_names,
+                                             precision)
+    ex, device_code = lower.build(mod, board)
     say("verify   EPE against the torch model on generated pairs")
-    epe = _measure_epe(torch_model, relax_model, board, precision, ex, (h, w))
+    epe = _measure_epe(torch_model, mod, params, board, ex, (h, w))
     tolerance = TOLERANCE[precision]
     if epe > tolerance and not force:
         raise AccuracyError(f"compiled {name} differs from the torch model by EPE {epe:.4f} px "
                             f"(tolerance {tolerance} px for {precision}); nothing written (--force to write anyway)")
     say(f"package  {out}")
-    files = {"params.npz": params_npz(relax_model.param_names, relax_model.params)}
+    files = {"params.npz": params_npz(param_names, params)}
     with _tempdir() as d:
         lib = Path(d) / "model.so"
         lower.export(ex, str(lib), board)
@@ -85,7 +87,7 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
                    "cuda_arch": board.cuda_arch, "cuda_version": board.cuda_version,
                    "host_triple": board.host_triple, "machine": platform.machine()},
         "versions": _versions(),
-        "params": {"order": relax_model.param_names},
+        "params": {"order": param_names},
         "accuracy": {"epe_vs_torch": round(epe, 6), "frames": ACCURACY_PAIRS, "tolerance": tolerance,
                      "measured_on": "generated pairs",
                      "measured_with": "this build" if not board.is_cuda else
@@ -120,8 +122,11 @@ def _weights_sha(name, weights):
     return sha256_file(resolve(name, weights))
 
 
-def _measure_epe(torch_model, relax_model, board, precision, ex, size) -> float:
-    """Mean EPE between the compiled model and the torch model on generated pairs."""
+def _measure_epe(torch_model, mod, params, board, ex, size) -> float:
+    """Mean EPE between the compiled model and the torch model on generated pairs.
+
+    mod, params: the prepared module and its parameters; ex: its build for `board`.
+    """
     import numpy as np
     import torch
     import tvm
@@ -132,9 +137,9 @@ def _measure_epe(torch_model, relax_model, board, precision, ex, size) -> float:
     from edgeflow.synth import generate_pair
 
     if board.is_cuda or board.cross_compiled:  # cannot run here: run the same module built for this CPU
-        ex, _ = lower.build(relax_model.mod, targets.get("host"), precision)
+        ex, _ = lower.build(mod, targets.get("host"))
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    params = [tvm.runtime.tensor(p) for p in relax_model.params]
+    params = [tvm.runtime.tensor(p) for p in params]
     rng = np.random.default_rng(20261124)
     errs = []
     for _ in range(ACCURACY_PAIRS):

@@ -21,6 +21,7 @@ from pathlib import Path
 from edgeflow.errors import MissingDependency
 
 TOOLCHAIN_ROOT = Path(os.environ.get("EDGEFLOW_CUDA_ROOT", Path(sys.prefix) / "cuda"))
+PYPI_RELEASES = ("12.6", "11.8")  # the Makefile's `cuda-<release>` targets install these
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,9 @@ class Toolchain:
     version: str
     nvrtc: Path
     ptxas: Path
-    include: Path  # the runtime headers (cuda_fp16.h, ...)
+    include: Path  # the runtime headers (cuda_fp16.h, mma.h, ...)
     cccl_include: Path  # libcu++ (cuda/std/...), which TVM's CUDA code includes
+    crt_include: Path  # the compiler's crt/ headers, which mma.h includes (fp16 kernels)
 
 
 def toolchain(cuda_version: str) -> Toolchain:
@@ -40,12 +42,14 @@ def toolchain(cuda_version: str) -> Toolchain:
     libs = sorted((base / "cuda_nvrtc" / "lib").glob("libnvrtc.so*"))
     tc = Toolchain(cuda_version, libs[0] if libs else base / "cuda_nvrtc/lib/libnvrtc.so",
                    base / "cuda_nvcc" / "bin" / "ptxas", base / "cuda_runtime" / "include",
-                   base / "cuda_cccl" / "include")
-    missing = [p for p in (tc.nvrtc, tc.ptxas, tc.include, tc.cccl_include) if not p.exists()]
+                   base / "cuda_cccl" / "include", base / "cuda_nvcc" / "include")
+    missing = [p for p in (tc.nvrtc, tc.ptxas, tc.include, tc.cccl_include, tc.crt_include) if not p.exists()]
     if missing:
-        raise MissingDependency(
-            f"CUDA {cuda_version} device toolchain not found ({missing[0]}); install it with "
-            f"`make cuda-{cuda_version}` (NVRTC, ptxas and headers from PyPI into {TOOLCHAIN_ROOT / cuda_version})")
+        fix = (f"install it with `make cuda-{cuda_version}` (NVRTC, ptxas and headers from PyPI)"
+               if cuda_version in PYPI_RELEASES else
+               f"PyPI has no CUDA {cuda_version} toolchain: copy NVRTC, ptxas and the headers of a "
+               f"CUDA {cuda_version} install into {base} in the same layout as {TOOLCHAIN_ROOT / PYPI_RELEASES[0]}")
+        raise MissingDependency(f"CUDA {cuda_version} device toolchain not found ({missing[0]}); {fix}")
     return tc
 
 
@@ -70,7 +74,7 @@ def cuda_to_ptx(source: str, arch: str, tc: Toolchain) -> str:
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"edgeflow.cu", 0, None, None))
     try:
         opts = [f"--gpu-architecture=compute_{arch.split('_')[1]}", "--std=c++17", "-default-device",
-                f"-I{tc.include}", f"-I{tc.cccl_include}"]
+                f"-I{tc.include}", f"-I{tc.cccl_include}", f"-I{tc.crt_include}"]
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         _check(lib, lib.nvrtcCompileProgram(prog, len(opts), arr), prog)
         size = ctypes.c_size_t()

@@ -20,15 +20,6 @@ class RelaxModel:
     param_names: list[str]
 
 
-def custom_convert_map() -> dict:
-    """Converters of our custom torch ops (correlation, warp) into calls of our TIR functions."""
-    try:
-        from edgeflow.compile.ops import CUSTOM_CONVERT_MAP
-    except ImportError:  # the hand-written operators are not part of this build
-        return {}
-    return dict(CUSTOM_CONVERT_MAP)
-
-
 def to_relax(model, input_size: tuple[int, int]) -> RelaxModel:
     """Export `model` (module(img1, img2) -> flow) at `input_size` (H, W) and import it to Relax.
 
@@ -38,6 +29,8 @@ def to_relax(model, input_size: tuple[int, int]) -> RelaxModel:
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    from edgeflow.compile.ops import CUSTOM_CONVERT_MAP
+
     h, w = input_size
     if h % 64 or w % 64 or h <= 0 or w <= 0:
         raise InputError(f"--size {h}x{w}: height and width must be positive multiples of 64, e.g. 448x1024")
@@ -46,7 +39,7 @@ def to_relax(model, input_size: tuple[int, int]) -> RelaxModel:
         ep = torch.export.export(model.eval(), example)
     names = [s.target for s in ep.graph_signature.input_specs if s.kind.name in ("PARAMETER", "BUFFER")]
     try:
-        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=custom_convert_map())
+        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=dict(CUSTOM_CONVERT_MAP))
     except AssertionError as e:
         if "Unsupported function types" in str(e):
             raise InputError(f"the TVM importer does not support these torch ops: {str(e).split('types', 1)[1].strip()}") from None

@@ -19,7 +19,8 @@ class DeviceCode:
     source: str = ""
     cubin: bytes = b""
     func_info: dict = field(default_factory=dict)
-    kernels: list = field(default_factory=list)  # KernelResources as dicts
+    kernels: list = field(default_factory=list)  # KernelResources as dicts, with kernel_stats
+    stats: dict = field(default_factory=dict)  # kernel name -> kernel_stats.kernel_stats(...)
 
     def metadata_json(self) -> str:
         """The function-info JSON that `runtime.LoadMetaDataFromJSON` reads on the device."""
@@ -43,6 +44,8 @@ def _install_cuda_hook() -> None:
     import tvm
     import tvm_ffi
 
+    from edgeflow.compile import kernel_stats
+
     if getattr(_install_cuda_hook, "done", False):
         return
     original = tvm.get_global_func("target.build.cuda")
@@ -53,6 +56,7 @@ def _install_cuda_hook() -> None:
         if _collector:
             code = _collector[-1]
             code.source = module.inspect_source()
+            code.stats = kernel_stats.collect(mod)
             for gv, func in mod.functions.items():
                 code.func_info[str(func.attrs["global_symbol"])] = {
                     "name": "", "arg_types": [_param_type(p) for p in func.params],
@@ -75,15 +79,61 @@ def _drop_device_imports(module) -> None:
             _drop_device_imports(c)
 
 
-def build(mod, board, precision: str = "fp32"):
-    """Lower `mod` for `board`; returns (executable, DeviceCode or None)."""
+def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
+    """Target-independent rewrites: mixed precision, then parameter transforms done once here.
+
+    fp16: convolutions in fp16 with fp32 accumulation (custom ops stay fp32). The casts and
+    reshapes that depend only on parameters (fp16 weights, biases as [1,C,1,1]) are lifted out of
+    `main` and run now, on this CPU, so the package stores the transformed parameters and the
+    device does none of that work per frame.
+    mod: `main(img1, img2, *params)`; params: numpy arrays named `names` -> (mod, transformed
+    arrays, their names: the name of the parameter each one is made from, e.g. a bias reshaped to
+    [1,C,1,1] keeps the bias's name).
+    """
+    import tvm
+    from tvm import relax
+
+    if precision == "fp16":
+        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+    mod = relax.transform.LiftTransformParams()(mod)
+    lifted = mod["main_transform_params"].with_attr("global_symbol", "main")
+    vm = relax.VirtualMachine(tvm.compile(tvm.IRModule({"main": lifted}), target="llvm"), tvm.cpu())
+    params = [p.numpy() for p in vm["main"]([tvm.runtime.tensor(p) for p in params])]
+    kept = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main_transform_params"}
+    return (tvm.IRModule(kept, attrs=mod.attrs, global_infos=mod.global_infos), params,
+            _lifted_names(lifted, names))
+
+
+def _lifted_names(func, names: list[str]) -> list[str]:
+    """Name each output of a lifted parameter transform after the one input it derives from."""
+    from tvm import relax
+
+    tuple_param = func.params[0]
+    sources: dict = {}  # var -> indices of the input parameters it is computed from
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.TupleGetItem) and v.tuple_value.same_as(tuple_param):
+                sources[b.var] = {v.index}
+            else:
+                sources[b.var] = set().union(*(sources.get(x, set()) for x in relax.analysis.free_vars(v)))
+    out = func.body.body
+    fields = out.fields if isinstance(out, relax.Tuple) else next(
+        b.value.fields for blk in func.body.blocks for b in blk.bindings if b.var.same_as(out))
+    result = []
+    for i, f in enumerate(fields):
+        src = sources.get(f, set())
+        result.append(names[next(iter(src))] if len(src) == 1 else f"lifted.{i}")
+    return result
+
+
+def build(mod, board):
+    """Lower the prepared `mod` for `board`; returns (executable, DeviceCode or None)."""
     import tvm
     import tvm.s_tir.dlight as dl
     from tvm import relax
 
     target = board.tvm_target()
-    if precision == "fp16":
-        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
     with target:
         mod = relax.get_pipeline("zero")(mod)
         mod = _apply_hand_schedules(mod, target, board)
@@ -92,6 +142,7 @@ def build(mod, board, precision: str = "fp32"):
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
     if not board.is_cuda:
         return tvm.compile(mod, target=target), None
+    from edgeflow.compile import kernel_stats
     from edgeflow.compile.cuda_toolchain import compile_cuda
 
     _install_cuda_hook()
@@ -102,16 +153,14 @@ def build(mod, board, precision: str = "fp32"):
     finally:
         _collector.pop()
     code.cubin, resources = compile_cuda(code.source, board.cuda_arch, board.cuda_version)
-    code.kernels = [r.__dict__ for r in resources]
+    code.kernels = kernel_stats.merge(resources, code.stats, mod)
     return ex, code
 
 
 def _apply_hand_schedules(mod, target, board):
-    try:
-        from edgeflow.compile.ops import apply_hand_schedules
-    except ImportError:
-        return mod
-    return apply_hand_schedules(mod, target, board.limits() if board.is_cuda else None)
+    from edgeflow.compile.ops import apply_hand_schedules
+
+    return apply_hand_schedules(mod, target, board if board.is_cuda else None)
 
 
 def export(ex, path: str, board) -> None:

@@ -18,10 +18,11 @@ from edgeflow.baselines import BASELINES, FlowFn, baseline
 from edgeflow.errors import EdgeflowError, InputError, choices_error
 
 
-def evaluate(method, data_dir: str | os.PathLike, *, weights="default", progress: bool = True) -> dict:
+def evaluate(method, data_dir: str | os.PathLike, *, weights="default", size: tuple[int, int] | None = None,
+             progress: bool = True) -> dict:
     """EPE of `method` on every set `edgeflow.datasets.open_dataset(data_dir)` finds.
 
-    weights: for a registry model, as in `edgeflow.models.create`. Returns
+    weights, size: for a registry model, as in `edgeflow.models.create` and `model_flow`. Returns
     `{"method": str, "epe": mean EPE (px) over all pairs of all sets,
       "sets": {name: {"epe": mean EPE (px) over its pairs, "pairs": n, "ms_per_pair": mean time of
       the method call}}}`, with `"fl_all"` (0..1, mean over pairs) added to the `kitti` set.
@@ -33,7 +34,7 @@ def evaluate(method, data_dir: str | os.PathLike, *, weights="default", progress
     from edgeflow.metrics import epe, fl_all
 
     sets = open_dataset(data_dir)
-    name, fn = resolve_method(method, weights=weights)
+    name, fn = resolve_method(method, weights=weights, size=size)
     all_epe: list[float] = []
     report: dict[str, dict] = {}
     bar = tqdm(total=sum(map(len, sets.values())), unit="pair", file=sys.stderr,
@@ -62,7 +63,7 @@ def evaluate(method, data_dir: str | os.PathLike, *, weights="default", progress
     return {"method": name, "epe": float(np.mean(all_epe)), "sets": report}
 
 
-def resolve_method(method, *, weights="default") -> tuple[str, FlowFn]:
+def resolve_method(method, *, weights="default", size: tuple[int, int] | None = None) -> tuple[str, FlowFn]:
     """(display name, flow function) for a baseline name, model name, package path or callable."""
     from edgeflow.models import create, names
 
@@ -72,7 +73,7 @@ def resolve_method(method, *, weights="default") -> tuple[str, FlowFn]:
     if method in BASELINES:
         return method, baseline(method)
     if method in names():
-        return method, model_flow(create(method, weights=weights))
+        return method, model_flow(create(method, weights=weights), size)
     if method.endswith(".tar"):
         if not Path(method).is_file():
             raise InputError(f"package {method!r} does not exist")
@@ -82,27 +83,30 @@ def resolve_method(method, *, weights="default") -> tuple[str, FlowFn]:
     raise choices_error("method", method, [*BASELINES, *names(), "PACKAGE.tar"])
 
 
-def model_flow(model) -> FlowFn:
+def model_flow(model, size: tuple[int, int] | None = None) -> FlowFn:
     """Wrap a torch flow network as `(img1, img2) -> flow` on images of any size.
 
-    Images (uint8 BGR HxWx3 or gray HxW) are resized to the next multiples of 64, converted to
-    RGB in [0, 1], run under torch.no_grad, and the flow is resized back with its u and v
-    scaled by the width and height ratios.
+    Images (uint8 BGR HxWx3 or gray HxW) are resized to `size` (H, W; multiples of 64), by default
+    to the next multiples of 64 of their own size, converted to RGB in [0, 1], run under
+    torch.no_grad, and the flow is resized back with its u and v scaled by the width and height
+    ratios: the same pre- and post-processing as the runtime Engine (`runtime.engine.resize`).
     """
     import cv2
     import torch
 
-    def to_tensor(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    from edgeflow.runtime.engine import resize
+
+    def to_tensor(img: np.ndarray, net_h: int, net_w: int) -> torch.Tensor:
+        img = resize(img, net_h, net_w)
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
-        img = cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
         return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
 
     def flow_fn(img1: np.ndarray, img2: np.ndarray) -> np.ndarray:
         h, w = img1.shape[:2]
-        net_w, net_h = -(-w // 64) * 64, -(-h // 64) * 64
+        net_h, net_w = size or (-(-h // 64) * 64, -(-w // 64) * 64)
         with torch.no_grad():
-            out = model(to_tensor(img1, (net_w, net_h)), to_tensor(img2, (net_w, net_h)))
-        flow = cv2.resize(out[0].permute(1, 2, 0).numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+            out = model(to_tensor(img1, net_h, net_w), to_tensor(img2, net_h, net_w))
+        flow = resize(np.ascontiguousarray(out[0].permute(1, 2, 0).numpy()), h, w)
         return (flow * np.array([w / net_w, h / net_h], np.float32)).astype(np.float32)
 
     return flow_fn

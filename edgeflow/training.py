@@ -31,7 +31,7 @@ class TrainConfig:
     steps: int = 30000
     batch: int = 8
     lr: float = 4e-4
-    weight_decay: float = 4e-4
+    weight_decay: float = 0.0  # coupled L2 in Adam; 4e-4 held the net at zero flow (MODEL_CARD.md)
     # (first step, H, W): crop size from that step on
     curriculum: list = field(default_factory=lambda: [[0, 256, 320], [20000, 320, 448]])
     seed: int = 0

@@ -1,8 +1,10 @@
 """The boards edgeflow compiles for: one table (`boards.json`), one entry per board, with aliases.
 
 `get(name)` returns a `Board`; `board.tvm_target()` the TVM target (CUDA with an aarch64 host
-for Jetsons, LLVM for CPUs). Adding a board is one entry in boards.json and one test. Importing
-this package does not import TVM.
+for Jetsons, LLVM for CPUs); `board.occupancy(...)` and `board.roofline_seconds(...)` the static
+performance model of a kernel on it. Per-SM limits are kept once per CUDA arch (`_gpu_archs` in
+the table) and inherited by the boards. Adding a board is one entry in boards.json and one test.
+Importing this package does not import TVM.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ class Board:
     sm_count: int | None = None
     gpu_clock_mhz: float | None = None
     power_mode: str | None = None
-    max_shared_memory_per_block: int | None = None
-    shared_memory_per_sm: int | None = None
+    # per-SM limits, from the board's arch in _gpu_archs
+    warp_size: int | None = None
     max_threads_per_block: int | None = None
     max_threads_per_sm: int | None = None
-    registers_per_sm: int | None = None
     max_blocks_per_sm: int | None = None
+    registers_per_sm: int | None = None
+    max_registers_per_block: int | None = None
+    max_registers_per_thread: int | None = None
+    register_allocation_unit: int | None = None  # registers per warp are allocated in these units
+    sm_partitions: int | None = None  # register-file partitions (warp schedulers) per SM
+    shared_memory_per_sm: int | None = None
+    max_shared_memory_per_block: int | None = None
+    shared_memory_allocation_unit: int | None = None
+    reserved_shared_memory_per_block: int | None = None  # kept by the driver for each block
+    fp32_lanes_per_sm: int | None = None
     peak_fp32_tflops: float | None = None
     peak_fp16_tflops: float | None = None
     peak_int8_tops: float | None = None
@@ -69,7 +80,7 @@ class Board:
         return {"kind": "cuda", "arch": self.cuda_arch,
                 "max_shared_memory_per_block": self.max_shared_memory_per_block,
                 "max_threads_per_block": self.max_threads_per_block, "max_num_threads": self.max_threads_per_block,
-                "thread_warp_size": 32, "registers_per_block": self.registers_per_sm, "host": host}
+                "thread_warp_size": self.warp_size, "registers_per_block": self.max_registers_per_block, "host": host}
 
     def llvm_json(self) -> dict:
         """The LLVM (CPU) target of this board's host processor."""
@@ -85,12 +96,50 @@ class Board:
         return out
 
     def limits(self) -> dict:
-        """The GPU limits the hand schedules and the GPU verifier use."""
-        return {"max_shared_memory_per_block": self.max_shared_memory_per_block,
-                "max_threads_per_block": self.max_threads_per_block,
-                "max_threads_per_sm": self.max_threads_per_sm, "registers_per_sm": self.registers_per_sm,
-                "shared_memory_per_sm": self.shared_memory_per_sm, "max_blocks_per_sm": self.max_blocks_per_sm,
-                "warp_size": 32}
+        """The GPU limits the hand schedules and the GPU verifier use: the per-SM limits, SM count."""
+        return {name: getattr(self, name) for name in _GPU_LIMITS + ("sm_count",)}
+
+    def occupancy(self, registers: int, threads: int, shared_bytes: int = 0) -> dict:
+        """Resident blocks per SM of a kernel with `registers` per thread, `threads` per block and
+        `shared_bytes` of shared memory per block, computed as CUDA's occupancy calculator does
+        (cuda_occupancy.h): registers allocated per warp in units, per register-file partition;
+        shared memory in units plus the driver's reserve. Returns {"blocks_per_sm", "warps_per_sm",
+        "occupancy" (resident warps / the SM's maximum), "limited_by" ("registers", "shared",
+        "threads", "blocks", or "launch" when the block cannot launch at all)}."""
+        warps = -(-threads // self.warp_size)
+        regs_warp = _round_up(registers * self.warp_size, self.register_allocation_unit)
+        smem = _round_up(shared_bytes + self.reserved_shared_memory_per_block, self.shared_memory_allocation_unit)
+        max_warps = self.max_threads_per_sm // self.warp_size
+        if (threads > self.max_threads_per_block or registers > self.max_registers_per_thread
+                or regs_warp * _round_up(warps, self.sm_partitions) > self.max_registers_per_block
+                or smem > self.max_shared_memory_per_block + self.reserved_shared_memory_per_block):
+            return {"blocks_per_sm": 0, "warps_per_sm": 0, "occupancy": 0.0, "limited_by": "launch"}
+        per_partition = self.registers_per_sm // self.sm_partitions
+        by = {"threads": max_warps // warps, "blocks": self.max_blocks_per_sm,  # ties name these first
+              "registers": (per_partition // regs_warp) * self.sm_partitions // warps if regs_warp
+              else self.max_blocks_per_sm,
+              "shared": self.shared_memory_per_sm // smem if smem else self.max_blocks_per_sm}
+        blocks = min(by.values())
+        return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
+                "occupancy": round(blocks * warps / max_warps, 4), "limited_by": min(by, key=by.get)}
+
+    def roofline_seconds(self, flops: float, bytes_moved: float, flops_fp16: float = 0) -> tuple[float, str]:
+        """(seconds, "compute" or "memory"): the roofline time of a kernel on this board, the larger
+        of its arithmetic time at the table's peaks (fp16 operations at peak_fp16_tflops, the
+        others at peak_fp32_tflops) and its DRAM time at memory_bandwidth_gbs."""
+        compute = (flops - flops_fp16) / (self.peak_fp32_tflops * 1e12) + flops_fp16 / (self.peak_fp16_tflops * 1e12)
+        memory = bytes_moved / (self.memory_bandwidth_gbs * 1e9)
+        return max(compute, memory), "compute" if compute >= memory else "memory"
+
+
+_GPU_LIMITS = ("warp_size", "max_threads_per_block", "max_threads_per_sm", "max_blocks_per_sm", "registers_per_sm",
+               "max_registers_per_block", "max_registers_per_thread", "register_allocation_unit", "sm_partitions",
+               "shared_memory_per_sm", "max_shared_memory_per_block", "shared_memory_allocation_unit",
+               "reserved_shared_memory_per_block", "fp32_lanes_per_sm")
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
 
 
 def _machine_matches(triple: str) -> bool:
@@ -106,11 +155,13 @@ def _physical_cores() -> int:
 
 def _load() -> dict[str, Board]:
     raw = json.loads(TABLE.read_text())
+    archs = raw.get("_gpu_archs", {})
     known = set(Board.__dataclass_fields__)
     boards = {}
     for name, entry in raw.items():
         if name.startswith("_"):
             continue
+        entry = {**archs.get(entry.get("cuda_arch"), {}), **entry}
         fields = {k: v for k, v in entry.items() if k in known}
         extra = {k: v for k, v in entry.items() if k not in known}
         boards[name] = Board(name=name, aliases=tuple(entry.get("aliases", ())), extra=extra,

@@ -74,6 +74,40 @@ def test_manifest_hashes_cover_every_file(jetson_package):
     assert set(manifest["versions"]) == {"edgeflow", "tvm", "torch"}
 
 
+def test_xavier_package_uses_cuda_11_8(tmp_path):
+    """JetPack 5 boards get an sm_72 cubin from CUDA 11.8's toolchain."""
+    from edgeflow.compile import compile
+
+    path = compile("flownet2-s", target="jetson-xavier-nx", input_size=SIZE, weights="random",
+                   out=tmp_path / "s-xavier.tar")
+    manifest, _ = manifest_of(path)
+    assert manifest["target"]["cuda_arch"] == "sm_72" and manifest["target"]["cuda_version"] == "11.8"
+    assert all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in manifest["kernels"])
+    with tarfile.open(path) as tar:
+        cubin = tar.extractfile("lib/kernels.cubin").read()
+    assert int.from_bytes(cubin[48:52], "little") & 0xFF == 72
+
+
+def test_fp16_jetson_package(tmp_path):
+    """fp16: half weights stored in the package, device code without spills, error in tolerance."""
+    import io
+
+    from edgeflow.compile import TOLERANCE, compile
+
+    path = compile("flownet2-s", target="jetson", input_size=SIZE, precision="fp16", weights="random",
+                   out=tmp_path / "s16.tar")
+    manifest, _ = manifest_of(path)
+    assert manifest["precision"] == "fp16"
+    assert manifest["kernels"] and all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in manifest["kernels"])
+    assert manifest["accuracy"]["epe_vs_torch"] < TOLERANCE["fp16"]
+    with tarfile.open(path) as tar:
+        params = np.load(io.BytesIO(tar.extractfile("params.npz").read()))
+    # weights are stored in half; biases stay fp32 (added to the fp32 accumulator)
+    assert {params[n].dtype for n in params.files if n.endswith("weight")} == {np.dtype("float16")}
+    assert set(params.files) == set(manifest["params"]["order"])
+    assert sum(k["flops_fp16"] for k in manifest["kernels"]) > 0  # half arithmetic on the device
+
+
 def test_host_compile_matches_torch(tmp_path):
     import torch
     import tvm
@@ -86,13 +120,14 @@ def test_host_compile_matches_torch(tmp_path):
     torch.manual_seed(0)
     model = create("flownet2-s", weights=None)
     rm = frontend.to_relax(model, SIZE)
-    ex, code = lower.build(rm.mod, get("host"), "fp32")
+    mod, params, _names = lower.prepare(rm.mod, rm.params, rm.param_names)
+    ex, code = lower.build(mod, get("host"))
     assert code is None
     vm = relax.VirtualMachine(ex, tvm.cpu())
     rng = np.random.default_rng(0)
     a = rng.random((1, 3, *SIZE), dtype=np.float32)
     b = np.roll(a, 2, axis=3)
-    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), *[tvm.runtime.tensor(p) for p in rm.params])
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), *[tvm.runtime.tensor(p) for p in params])
     got = (got[0] if not hasattr(got, "numpy") else got).numpy()
     with torch.no_grad():
         want = model(torch.from_numpy(a), torch.from_numpy(b)).numpy()

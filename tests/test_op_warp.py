@@ -1,5 +1,6 @@
 """Backward warping as TIR: CPU build and CUDA schedule (run serially on the CPU) against the
-torch reference op, with FlowWarp's border; GPU verifier and ptxas per Jetson board."""
+torch reference op and a port of Caffe's FlowWarp, at every kind of border point; GPU verifier
+and ptxas per Jetson board."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from edgeflow.models.ops import warp_reference
+from test_models import border_flow, caffe_flow_warp
 
 tvm = pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -28,12 +30,16 @@ def cuda_target(arch: str):
 
 
 def inputs(shape, rng, scale=6.0):
-    """Image in [0, 1] and a flow that sends some pixels (whole rows and columns) outside."""
+    """Image in [0, 1] and a flow that sends whole rows and columns just outside the image, into
+    its last pixel (right/bottom neighbour clamped) and far outside."""
     b, _, h, w = shape
     img = rng.random(shape).astype(np.float16).astype(np.float32)
     flow = (rng.standard_normal((b, 2, h, w)) * scale).astype(np.float16).astype(np.float32)
-    flow[:, 0, :, :2] = -3.5  # left border: neighbours off the image
-    flow[:, 1, -2:, :] = 2.25  # bottom border
+    flow[:, 0, :, :2] = -3.5  # left: outside
+    flow[:, 0, :, 2] = -2.5  # x2 = -0.5: outside (0, not half of column 0)
+    flow[:, 0, :, -1] = 0.5  # x2 = W - 0.5: inside, right neighbour clamped to column W-1
+    flow[:, 1, -2:, :] = 2.25  # bottom: outside
+    flow[:, 1, -3, :] = 2.5  # y2 = H - 0.5: inside, bottom neighbour clamped to row H-1
     flow[:, :, :1, :] = 1e3  # far outside
     flow[:, :, 5, 5] = 0.0  # integer positions
     return img, flow
@@ -73,19 +79,44 @@ def test_cpu(shape, dtype, rng):
         check(out, ref, dtype)
 
 
-def test_border_contributions_are_zero():
-    """FlowWarp's border: each bilinear neighbour outside the image adds nothing."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [(1, 3, 5, 6), (2, 2, 4, 11)], ids=str)
+def test_border_cases(shape, dtype, rng):
+    """Points just outside each border, exactly on the first/last row and column, within the
+    last pixel, corners, inside, far and NaN: the CPU and the CUDA schedule (serial), against the
+    Caffe port and the torch reference."""
+    b, _, h, w = shape
+    img = rng.random(shape).astype(dtype)
+    flow = border_flow(b, h, w).astype(dtype)
+    caffe = caffe_flow_warp(img.astype(np.float32), flow.astype(np.float32))
+    ref = reference(img.astype(np.float32), flow.astype(np.float32))
+    np.testing.assert_array_equal(ref, caffe)
+    func = warp_primfunc(shape, dtype=dtype)
+    cpu, = verify.run_primfunc(schedule_warp(func, LLVM), [img, flow])
+    board = next(bd for bd in CUDA_BOARDS if bd.cuda_arch == "sm_87")
+    cuda, = verify.run_serialized(schedule_warp(func, cuda_target("sm_87"), board), [img, flow])
+    outside = caffe == 0
+    for out in (cpu, cuda):
+        assert (out[outside] == 0).all()
+        if dtype == "float32":
+            np.testing.assert_allclose(out, caffe, rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_allclose(out.astype(np.float32), caffe, rtol=2e-3, atol=1e-3)
+
+
+def test_border_values():
+    """FlowWarp's border on a 4x4 image of ones: 0 outside, 1 within the last column and row."""
     img = np.ones((1, 1, 4, 4), np.float32)
     flow = np.zeros((1, 2, 4, 4), np.float32)
-    flow[0, 0, 1, 3] = 0.5  # half of the way to the column right of the image
-    flow[0, 0, 2, 0] = -0.25  # a quarter to the column left of it
-    flow[0, 1, 3, 1] = 10.0  # all four neighbours below it
+    flow[0, 0, 1, 3] = 0.5  # x2 = 3.5: inside, right neighbour clamped: 1
+    flow[0, 0, 2, 0] = -0.25  # x2 = -0.25: outside: 0
+    flow[0, 1, 3, 1] = 0.75  # y2 = 3.75: inside, bottom neighbour clamped: 1
+    flow[0, 1, 3, 2] = 1.0  # y2 = 4: outside
+    flow[0, 1, 0, 2] = -1e-3  # y2 < 0: outside
     out, = verify.run_primfunc(schedule_warp(warp_primfunc(img.shape), LLVM), [img, flow])
-    assert out[0, 0, 1, 3] == pytest.approx(0.5)
-    assert out[0, 0, 2, 0] == pytest.approx(0.75)
-    assert out[0, 0, 3, 1] == 0.0
-    assert out[0, 0, 0, 0] == 1.0
-    np.testing.assert_allclose(out, reference(img, flow), atol=1e-6)
+    assert out[0, 0, 1, 3] == 1.0 and out[0, 0, 3, 1] == 1.0 and out[0, 0, 0, 0] == 1.0
+    assert out[0, 0, 2, 0] == 0.0 and out[0, 0, 3, 2] == 0.0 and out[0, 0, 0, 2] == 0.0
+    np.testing.assert_array_equal(out, reference(img, flow))
 
 
 def test_cpu_real_images(realflow):

@@ -1,8 +1,9 @@
 """Backward bilinear warping (FlowNet2's FlowWarp) as TIR, with CUDA and CPU schedules.
 
-out[n, c, y, x] = sum over the four neighbours (yi, xi) of (x + u, y + v) of
-                  image[n, c, yi, xi] * bilinear weight, neighbours outside the image adding 0,
-with (u, v) = flow[n, :, y, x] in pixels. Inputs fp32 or fp16, arithmetic in fp32.
+out[n, c, y, x] = image sampled bilinearly at (x2, y2) = (x + u, y + v), (u, v) = flow[n, :, y, x]
+in pixels, exactly as Caffe's FlowWarp (lmb-freiburg/flownet2, fill_value ZERO) and
+`edgeflow.models.ops.warp_reference`: 0 unless 0 <= x2 < W and 0 <= y2 < H; inside, the
+right/bottom neighbour is clamped to the last column/row. Inputs fp32 or fp16, arithmetic in fp32.
 
 One block, `warp`. The coordinates and weights of a pixel are the same for all its channels:
 both schedules give a thread (CUDA) or a loop iteration (CPU) one pixel and unroll the channels
@@ -25,19 +26,22 @@ def warp_te(image, flow, dtype: str):
     zero, one = tirx.const(0, ACC), tirx.const(1, ACC)
 
     def fn(n, ch, y, x):
-        fx = x.astype(ACC) + flow[n, 0, y, x].astype(ACC)
-        fy = y.astype(ACC) + flow[n, 1, y, x].astype(ACC)
-        x0f, y0f = te.floor(fx), te.floor(fy)
-        ax, ay = fx - x0f, fy - y0f
-        x0, y0 = x0f.astype("int32"), y0f.astype("int32")
-        total = zero
-        for dy, wy in ((0, one - ay), (1, ay)):
-            for dx, wx in ((0, one - ax), (1, ax)):
-                yi, xi = y0 + dy, x0 + dx
-                inside = tirx.all(xi >= 0, xi < w, yi >= 0, yi < h)
-                v = image[n, ch, te.max(te.min(yi, h - 1), 0), te.max(te.min(xi, w - 1), 0)].astype(ACC)
-                total = total + te.if_then_else(inside, v, zero) * (wy * wx)
-        return total.astype(dtype)
+        x2 = x.astype(ACC) + flow[n, 0, y, x].astype(ACC)
+        y2 = y.astype(ACC) + flow[n, 1, y, x].astype(ACC)
+        inside = tirx.all(x2 >= zero, y2 >= zero, x2 < tirx.const(w, ACC), y2 < tirx.const(h, ACC))
+        # a point outside samples (0, 0) and is masked: indices stay in range, no int cast of NaN
+        x2, y2 = tirx.Select(inside, x2, zero), tirx.Select(inside, y2, zero)
+        xlf, ytf = te.floor(x2), te.floor(y2)
+        alpha, beta = x2 - xlf, y2 - ytf
+        xl, yt = xlf.astype("int32"), ytf.astype("int32")
+        xr, yb = te.min(xl + 1, w - 1), te.min(yt + 1, h - 1)
+
+        def at(yi, xi):
+            return image[n, ch, yi, xi].astype(ACC)
+
+        total = ((one - alpha) * (one - beta) * at(yt, xl) + alpha * (one - beta) * at(yt, xr)
+                 + (one - alpha) * beta * at(yb, xl) + alpha * beta * at(yb, xr))
+        return te.if_then_else(inside, total, zero).astype(dtype)
 
     return te.compute((b, c, h, w), fn, name="warp")
 

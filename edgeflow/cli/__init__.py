@@ -12,7 +12,7 @@ import sys
 import typer
 
 # Each module defines `register(app)`; the order is the order of `edgeflow --help`.
-COMMANDS = ["models", "targets", "synth", "train", "compile", "eval", "run"]
+COMMANDS = ["models", "targets", "synth", "train", "import_weights", "compile", "eval", "run", "inspect", "bench"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Dense optical flow on the edge: FlowNet2 compiled with TVM for Jetson and CPUs.")
@@ -38,6 +38,8 @@ for _name in COMMANDS:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning EdgeflowError into `Error: ...` and its exit code."""
+    from typer.exceptions import TyperException
+
     from edgeflow.errors import EdgeflowError
 
     try:
@@ -50,13 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("Error: aborted", err=True)
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            typer.echo(f"Error: {e.format_message()}", err=True)
-            return e.exit_code
-        raise
+    except TyperException as e:  # usage errors: unknown option, missing argument, ...
+        typer.echo(f"Error: {e.format_message()}", err=True)
+        return e.exit_code
     return 0
 
 

@@ -18,14 +18,22 @@ def eval_cmd(
     data: Path = typer.Option(..., "--data", help="Evaluation data directory (realflow, Sintel, KITTI, ...)."),
     weights: str = typer.Option("default", "--weights",
                                 help="For a registry model: 'default', 'random' (untrained) or a weight file."),
+    size: str = typer.Option(None, "--size", help="For a registry model: run the network at HxW (multiples of 64), "
+                                                  "e.g. a package's compiled size; default: each image's size rounded up."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Measure end-point error per evaluation set (and Fl-all on KITTI)."""
     import json
 
+    from edgeflow.errors import InputError
     from edgeflow.evaluate import evaluate
 
-    result = evaluate(method, data, weights=None if weights == "random" else weights)
+    from edgeflow.cli.options import parse_size
+
+    net_size = parse_size(size) if size else None
+    if net_size and (net_size[0] % 64 or net_size[1] % 64):
+        raise InputError(f"--size {size}: height and width must be multiples of 64, e.g. 384x512")
+    result = evaluate(method, data, weights=None if weights == "random" else weights, size=net_size)
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return

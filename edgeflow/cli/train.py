@@ -32,6 +32,7 @@ def train_cmd(
     steps: int = typer.Option(30000, help="Total optimiser steps."),
     batch: int = typer.Option(8, help="Pairs per step."),
     lr: float = typer.Option(4e-4, help="Adam learning rate before the decay steps."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam's L2 penalty."),
     curriculum: str = typer.Option("0:256x320,20000:320x448", help="STEP:HxW crop sizes."),
     seed: int = typer.Option(0, help="Seed of the model initialisation and the data."),
     workers: int = typer.Option(1, help="Data generation processes."),
@@ -45,7 +46,7 @@ def train_cmd(
     from edgeflow.training import TrainConfig, train
 
     spec(model)
-    config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, curriculum=parse_curriculum(curriculum),
+    config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, curriculum=parse_curriculum(curriculum),
                          seed=seed, workers=workers, eval_every=eval_every)
     last = train(config, out)
     typer.echo(json.dumps(last))

@@ -10,6 +10,10 @@ from edgeflow.models.registry import DEFAULT_MODEL, SPECS, ModelSpec, spec
 
 __all__ = ["create", "names", "spec", "SPECS", "ModelSpec", "DEFAULT_MODEL"]
 
+# Weight-file meta key of the fixed per-image RGB input means of imported Caffe weights,
+# {"img1": [r, g, b], "img2": [r, g, b]} in [0, 1] units (written by edgeflow.models.caffe.convert).
+CAFFE_MEAN_KEY = "caffe_mean_rgb"
+
 
 def names() -> list[str]:
     """Registry names in registry order."""
@@ -21,12 +25,22 @@ def create(name: str = DEFAULT_MODEL, weights="default"):
 
     weights: "default" loads the weights edgeflow ships for `name` (an error if there are none),
     a path loads an edgeflow weight file, None leaves the He-initialised random weights.
+    Weights imported from Caffe carry the fixed input means of the official network in their
+    meta (`caffe_mean_rgb`); the model then subtracts those, as Caffe does, instead of each
+    pair's own mean (`FlowNet2.input_mean`).
     """
+    from edgeflow.errors import InputError
     from edgeflow.models.stack import FlowNet2
     from edgeflow.models.weights import load_into
 
     s = spec(name)
     model = FlowNet2(s.stages, s.width)
     if weights is not None:
-        load_into(model, name, weights)
+        mean = load_into(model, name, weights).get(CAFFE_MEAN_KEY)
+        if mean:
+            try:
+                model.input_mean = (mean["img1"], mean["img2"])
+            except (KeyError, TypeError, ValueError):
+                raise InputError(f"weights {str(weights)!r}: meta {CAFFE_MEAN_KEY!r} is not "
+                                 f"{{'img1': [r, g, b], 'img2': [r, g, b]}}: {mean!r}") from None
     return model.eval()

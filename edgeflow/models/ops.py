@@ -58,33 +58,41 @@ def correlation_reference(f1: torch.Tensor, f2: torch.Tensor, kernel_size: int =
 
 
 def warp_reference(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Backward bilinear warp as Caffe's FlowWarp layer: out(x) = image(x + flow(x)).
+    """Backward bilinear warp exactly as Caffe's FlowWarp layer: out(x, y) = image(x + u, y + v).
 
-    image: [B, C, H, W]; flow: [B, 2, H, W] in pixels (u right, v down). Each of the four
-    bilinear neighbours that falls outside the image contributes zero (FlowWarp's border).
+    image: [B, C, H, W]; flow: [B, 2, H, W] in pixels (u right, v down). As FlowWarp
+    (lmb-freiburg/flownet2 flow_warp_layer.cpp/.cu, fill_value ZERO): a sample point (x2, y2) with
+    x2 < 0, y2 < 0, x2 >= W or y2 >= H (or NaN) gives 0; inside, the left/top neighbour is
+    floor(x2)/floor(y2), the right/bottom one is clamped to column W-1/row H-1, and the result is
+    (1-a)(1-b)TL + a(1-b)TR + (1-a)bBL + abBR with a = x2 - floor(x2), b = y2 - floor(y2).
     """
     b, c, h, w = image.shape
     ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
     xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
-    fx = xs + flow[:, 0]
-    fy = ys + flow[:, 1]
-    x0 = torch.floor(fx)
-    y0 = torch.floor(fy)
-    ax = fx - x0
-    ay = fy - y0
-    x0 = x0.long()
-    y0 = y0.long()
+    x2 = xs + flow[:, 0]
+    y2 = ys + flow[:, 1]
+    inside = (x2 >= 0) & (y2 >= 0) & (x2 < w) & (y2 < h)
+    # points outside sample (0, 0) and are masked: finite weights, gathers in range, no gradient
+    x2 = torch.where(inside, x2, torch.zeros_like(x2))
+    y2 = torch.where(inside, y2, torch.zeros_like(y2))
+    xl = torch.floor(x2)
+    yt = torch.floor(y2)
+    alpha = x2 - xl
+    beta = y2 - yt
+    xl = xl.long()
+    yt = yt.long()
+    xr = (xl + 1).clamp(max=w - 1)
+    yb = (yt + 1).clamp(max=h - 1)
     flat = image.reshape(b, c, h * w)
-    out = torch.zeros_like(image)
-    for dy, wy in ((0, 1 - ay), (1, ay)):
-        for dx, wx in ((0, 1 - ax), (1, ax)):
-            xi = x0 + dx
-            yi = y0 + dy
-            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-            idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).view(b, 1, h * w).expand(b, c, h * w)
-            vals = torch.gather(flat, 2, idx).view(b, c, h, w)
-            out = out + vals * (wy * wx * inside.to(image.dtype)).unsqueeze(1)
-    return out
+
+    def at(yi, xi):
+        return torch.gather(flat, 2, (yi * w + xi).view(b, 1, h * w).expand(b, c, h * w)).view(b, c, h, w)
+
+    alpha = alpha.unsqueeze(1)
+    beta = beta.unsqueeze(1)
+    out = ((1 - alpha) * (1 - beta) * at(yt, xl) + alpha * (1 - beta) * at(yt, xr)
+           + (1 - alpha) * beta * at(yb, xl) + alpha * beta * at(yb, xr))
+    return torch.where(inside.unsqueeze(1), out, torch.zeros_like(out))
 
 
 @torch.library.custom_op("edgeflow::correlation", mutates_args=())

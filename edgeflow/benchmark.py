@@ -1,0 +1,296 @@
+"""`edgeflow bench`: a package's network time against its peers, in one run.
+
+    bench(package, *, vs=("onnxruntime", "torch"), threads=None, runs=10, warmup=2) -> dict
+
+The peers run the same network: a torch model rebuilt from the package (manifest model, its own
+params.npz, so a `--weights random` package compares the same network) and its ONNX export
+(`edgeflow.onnx_export`) in ONNX Runtime. All three get the same prepared input (a generated
+pair at the package's input size) and the same thread count (torch.set_num_threads, ORT
+intra_op_num_threads, the TVM runtime's thread pool). Before timing, the first call of each is
+checked: ORT must match torch to EPE 1e-3 px, the package must match torch within its
+precision's tolerance, or nothing is timed. Then `runs` rounds, each calling every framework
+once in turn (so a change of background load hits all alike); `ms` holds the medians of the
+network call alone: `Engine.run_tensor` (input copy in, VM call, flow out), the torch forward,
+the ORT session run. The Engine's pre/post-processing is timed apart, in the same rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+from edgeflow.errors import EdgeflowError, InputError, MissingDependency, PackageError
+
+PEERS = ("onnxruntime", "torch")
+ONNX_TOLERANCE = 1e-3  # px, mean EPE of the ONNX Runtime flow against the torch flow
+
+
+class MismatchError(EdgeflowError):
+    """A peer does not compute the package's network: timing it would compare different things."""
+
+
+def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, runs: int = 10,
+          warmup: int = 2, progress=None) -> dict:
+    """Median network ms of the package and of each peer in `vs`, and edgeflow/peer ratios.
+
+    Returns {"ms": {"edgeflow", *vs}, "ratio": {peer: edgeflow ms / peer ms}, ...} with extra
+    keys: model, input size, threads each framework reports, per-framework min/median/max and
+    process CPU ms per call, the Engine's stages and end-to-end ms, EPE of each against torch.
+    threads: default, the CPUs this process may use. PackageError for a package this machine
+    cannot run (a CUDA package here), MismatchError if a peer computes something else.
+    """
+    import numpy as np
+
+    from edgeflow.runtime.package import check_runnable, read_package
+    from edgeflow.synth import generate_pair
+
+    vs = _check_args(vs, runs, warmup, threads)
+    threads = threads or _cpus()
+    say = progress or (lambda msg: None)
+    manifest, directory = read_package(package, check_target=False)
+    target = manifest["target"]
+    try:
+        check_runnable(manifest)
+    except PackageError as e:
+        raise PackageError(f"bench needs the package's device: {e}; run it there, or `edgeflow inspect "
+                           f"{package}` for a static prediction") from None
+    device = "cuda" if target["kind"] == "cuda" else "cpu"
+    h, w = int(manifest["input"]["height"]), int(manifest["input"]["width"])
+
+    torch = _import("torch", "torch")
+    torch_threads = torch.get_num_threads()
+    affinity = _affinity()
+    try:
+        torch.set_num_threads(threads)
+        used = {"torch": torch.get_num_threads(), "onnxruntime": threads}
+        say(f"torch    rebuild {manifest['model'].get('name')} from the package's parameters")
+        model = model_from_package(manifest, directory).to(device)
+        img1, img2, _ = generate_pair(np.random.default_rng(0), (h, w))
+        tvm_threads = _set_tvm_threads(threads)
+        _restore_affinity(affinity)  # TVM pins the calling thread when its pool has one thread
+        from edgeflow.runtime.engine import Engine
+
+        engine = Engine(manifest, directory, device)
+        x1, x2 = engine.prepare(img1), engine.prepare(img2)
+        t1, t2 = (torch.from_numpy(x).to(device) for x in (x1, x2))
+
+        def torch_call():
+            with torch.inference_mode():
+                return model(t1, t2)[0].cpu().numpy()  # .cpu() waits for a GPU
+
+        calls = {"torch": torch_call}
+        if "onnxruntime" in vs:
+            say("onnx     export the torch model (correlation, warp decomposed) for ONNX Runtime")
+            session = _ort_session(model.cpu(), (h, w), threads, device)
+            model.to(device)
+            feed = {"img1": x1, "img2": x2}
+            calls["onnxruntime"] = lambda: session.run(["flow"], feed)[0][0]
+        calls["edgeflow"] = lambda: engine.run_tensor(x1, x2)
+
+        say("check    the first call of each against torch")
+        outputs = {name: np.asarray(call(), np.float32) for name, call in calls.items()}
+        epe = {name: _epe(out, outputs["torch"]) for name, out in outputs.items() if name != "torch"}
+        _check_same_network(manifest, epe)
+
+        order = ["edgeflow", *vs]
+        for _ in range(max(warmup - 1, 0)):
+            for name in order:
+                calls[name]()
+        say(f"time     {runs} rounds of {', '.join(order)} ({threads} threads)")
+        wall = {name: [] for name in order}
+        cpu = {name: [] for name in order}
+        stages = {"prepare": [], "finish": []}
+        for _ in range(runs):
+            for name in order:
+                c0, t0 = time.process_time(), time.perf_counter()
+                calls[name]()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+            t0 = time.perf_counter()
+            engine.prepare(img1)
+            engine.prepare(img2)
+            t_net = time.perf_counter()
+            engine.finish(outputs["edgeflow"], img1.shape[:2])
+            stages["prepare"].append(t_net - t0)
+            stages["finish"].append(time.perf_counter() - t_net)
+    finally:
+        torch.set_num_threads(torch_threads)
+        _restore_affinity(affinity)
+
+    ms = {name: 1e3 * statistics.median(wall[name]) for name in order}
+    end_to_end = [p + n + f for p, n, f in zip(stages["prepare"], wall["edgeflow"], stages["finish"])]
+    return {
+        "ms": {name: round(ms[name], 3) for name in ["edgeflow", *vs]},
+        "ratio": {peer: round(ms["edgeflow"] / ms[peer], 4) for peer in vs},
+        "model": manifest["model"].get("name"),
+        "package": str(package),
+        "target": target.get("name"),
+        "device": device,
+        "precision": manifest.get("precision"),
+        "input_size": [h, w],
+        "threads": {"requested": threads, "edgeflow": tvm_threads, **{peer: used[peer] for peer in vs}},
+        "edgeflow_parallel_loops": _parallel_loops(Path(directory) / "lib" / "model.so"),
+        "runs": runs,
+        "warmup": max(warmup, 1),
+        "stats": {name: {"min_ms": round(1e3 * min(wall[name]), 3), "median_ms": round(ms[name], 3),
+                         "max_ms": round(1e3 * max(wall[name]), 3),
+                         "cpu_ms": round(1e3 * statistics.median(cpu[name]), 3)} for name in order},
+        "edgeflow_stages_ms": {"prepare": _median_ms(stages["prepare"]), "network": round(ms["edgeflow"], 3),
+                               "finish": _median_ms(stages["finish"])},
+        "edgeflow_end_to_end_ms": _median_ms(end_to_end),
+        "epe_vs_torch": {name: round(v, 6) for name, v in epe.items()},
+    }
+
+
+def model_from_package(manifest: dict, directory: str | os.PathLike):
+    """The torch model of a package: the manifest's stages and width, the package's parameters.
+
+    The package stores parameters as compiled (biases as [1,C,1,1], fp16 weights for fp16): each
+    is reshaped and cast back. The weight file named in the manifest, when present with the
+    recorded sha256, supplies what is not a parameter (Caffe input means).
+    """
+    import numpy as np
+    import torch
+
+    from edgeflow.models import SPECS, create
+    from edgeflow.models.stack import FlowNet2
+
+    info = manifest["model"]
+    name, weights = info.get("name"), info.get("weights")
+    if name in SPECS and weights not in (None, "random", "module") and _weights_match(name, weights,
+                                                                                       info.get("weights_sha256")):
+        model = create(name, weights=weights)
+    elif info.get("stages") and info.get("width"):
+        model = FlowNet2(info["stages"], float(info["width"]))
+    else:
+        raise PackageError(f"cannot rebuild the torch model: the manifest names no stages and width ({info})")
+    own = model.state_dict()
+    with np.load(Path(directory) / "params.npz", allow_pickle=False) as npz:
+        stored = {n: npz[n] for n in manifest["params"]["order"] if n in own}
+    for key, value in own.items():
+        if key not in stored or stored[key].size != value.numel():
+            raise PackageError(f"cannot rebuild the torch model: params.npz has no parameter {key!r} "
+                               f"{tuple(value.shape)} (the compiler transformed it)")
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v, np.float32)).reshape(own[k].shape)
+                           for k, v in stored.items()})
+    return model.eval()
+
+
+def parse_vs(text: str) -> tuple[str, ...]:
+    """'onnxruntime,torch' -> ("onnxruntime", "torch"); '' -> (); InputError for other names."""
+    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise InputError(f"--vs {unknown[0]!r}: unknown peer; choices: {', '.join(PEERS)}")
+    return names
+
+
+def _check_args(vs, runs: int, warmup: int, threads: int | None) -> tuple[str, ...]:
+    vs = parse_vs(vs) if isinstance(vs, str) else parse_vs(",".join(vs))
+    if runs < 1:
+        raise InputError(f"--runs {runs}: expected at least 1")
+    if warmup < 0:
+        raise InputError(f"--warmup {warmup}: expected 0 or more")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: expected at least 1")
+    return vs
+
+
+def _check_same_network(manifest: dict, epe: dict) -> None:
+    from edgeflow.compile import TOLERANCE
+
+    if epe.get("onnxruntime", 0.0) > ONNX_TOLERANCE:
+        raise MismatchError(f"the ONNX export differs from the torch model by EPE {epe['onnxruntime']:.4g} px "
+                            f"(limit {ONNX_TOLERANCE} px): not timing a different network")
+    accuracy = manifest.get("accuracy") or {}
+    limit = 2 * max(TOLERANCE.get(manifest.get("precision"), 0.01), float(accuracy.get("epe_vs_torch") or 0))
+    if epe["edgeflow"] > limit:
+        raise MismatchError(f"the torch model rebuilt from the package differs from the package by EPE "
+                            f"{epe['edgeflow']:.4g} px (limit {limit:.4g} px): not the same network")
+
+
+def _ort_session(model, size, threads: int, device: str):
+    ort = _import("onnxruntime", "onnxruntime")
+    from edgeflow.onnx_export import export_onnx
+
+    _import("onnxscript", "onnxscript")  # torch.onnx.export's dynamo exporter needs it
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if providers[0] not in ort.get_available_providers():
+        raise MissingDependency(f"this onnxruntime has no {providers[0]}; install onnxruntime-gpu")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # no warnings about nodes it cannot constant-fold
+    return ort.InferenceSession(export_onnx(model, size), options, providers=providers)
+
+
+def _set_tvm_threads(n: int) -> int:
+    """Size the TVM runtime's thread pool to `n`; returns the count the pool reports.
+
+    TVM reads TVM_NUM_THREADS once, when it creates its pool, as the most threads it will use
+    (without it, on x86 it takes half the logical CPUs, assuming two per core);
+    runtime.config_threadpool then sets the count, up to that bound.
+    """
+    import tvm.runtime  # noqa: F401  (registers the runtime's functions)
+    import tvm_ffi
+
+    old = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    try:
+        tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1: the big cores, all of them here
+        return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    finally:
+        if old is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = old
+
+
+def _parallel_loops(library: Path) -> bool:
+    """Whether the compiled code has any loop run on TVM's thread pool; without one, TVM's thread
+    count changes nothing (operators without a parallel schedule run on the calling thread)."""
+    return b"TVMBackendParallelLaunch" in library.read_bytes()
+
+
+def _weights_match(name: str, weights: str, sha: str | None) -> bool:
+    from edgeflow.models.weights import resolve, sha256_file
+
+    try:
+        return sha is not None and sha256_file(resolve(name, weights)) == sha
+    except (EdgeflowError, OSError):
+        return False
+
+
+def _epe(a, b) -> float:
+    import numpy as np
+
+    return float(np.sqrt(((a - b) ** 2).sum(0)).mean())
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return round(1e3 * statistics.median(seconds), 3)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _affinity():
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def _restore_affinity(cpus) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+def _import(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"bench needs {package}; install it with `pip install 'edgeflow[compile]'`") from None

@@ -1,0 +1,26 @@
+"""`edgeflow inspect`: per-kernel resources, occupancy and roofline of a compiled package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_cmd)
+
+
+def inspect_cmd(
+    package: Path = typer.Argument(..., metavar="PACKAGE", help="Compiled package .tar."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Show what a package holds. CUDA: per kernel registers, spills, shared memory, launch size,
+    occupancy, FLOPs, bytes and roofline time on the package's board, summed into a predicted fps
+    (a prediction: no board is measured). CPU: target, precision, accuracy, file sizes."""
+    import json
+
+    from edgeflow.inspect import format_report, inspect_package
+
+    report = inspect_package(package)
+    typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))

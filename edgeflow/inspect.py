@@ -1,0 +1,182 @@
+"""What a compiled package holds and what it should cost on its board.
+
+    report = inspect_package("flownet2-s-orin.tar")     # a dict (what `edgeflow inspect --json` prints)
+    print(format_report(report))                          # the table `edgeflow inspect` prints
+
+CUDA packages, per kernel: registers, spills and shared memory (ptxas, at compile time), grid and
+block size, occupancy on the package's board (`Board.occupancy`), FLOPs and bytes moved (counted
+in the lowered TIR at compile time by `edgeflow.compile.kernel_stats`), and the roofline time on
+the board (`Board.roofline_seconds`). The roofline times, times the launches per inference, add
+up to a predicted frame time: a prediction from datasheet peaks, not a measurement (there is no
+board here; launch overheads and caches are not modelled). Kernels of our hand-written
+operators (correlation, warp) carry the operator's name. CPU packages: target, precision,
+accuracy and file sizes.
+
+Reads the package with `edgeflow.runtime.package` (hashes verified, target not checked) and
+the boards table: standard library only, no TVM, no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREDICTION = "prediction (no board measured)"
+
+
+def inspect_package(path: str | os.PathLike) -> dict:
+    """The report of the package at `path` (PackageError if it is damaged or of an unknown
+    format). Keys: package, model, input, precision, target, accuracy, files (bytes per file),
+    and for CUDA packages board, kernels (per kernel, slowest first) and summary."""
+    from edgeflow.runtime.package import read_package
+
+    manifest, directory = read_package(path, check_target=False)
+    h, w = manifest["input"]["height"], manifest["input"]["width"]
+    report = {"package": str(path), "model": manifest["model"], "input": [h, w],
+              "precision": manifest["precision"], "target": manifest["target"],
+              "accuracy": manifest.get("accuracy"), "compile_seconds": manifest.get("compile_seconds"),
+              "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])}}
+    if manifest["target"].get("kind") != "cuda":
+        report["note"] = "per-kernel statistics (registers, occupancy, roofline) are for CUDA packages only"
+        return report
+    board = _board(manifest["target"])
+    report["board"] = {"name": board.name, "description": board.description, "cuda_arch": board.cuda_arch,
+                       "sm_count": board.sm_count, "peak_fp32_tflops": board.peak_fp32_tflops,
+                       "peak_fp16_tflops": board.peak_fp16_tflops, "memory_bandwidth_gbs": board.memory_bandwidth_gbs}
+    report["kernels"] = sorted((kernel_report(k, board) for k in manifest.get("kernels", [])),
+                               key=lambda k: -(k["roofline_us"] or 0) * k["launches"])
+    report["summary"] = summary(report["kernels"], board)
+    return report
+
+
+def kernel_report(kernel: dict, board) -> dict:
+    """One manifest kernel entry completed with its occupancy and roofline time on `board`
+    (None where the package predates the kernel statistics)."""
+    k = {"name": kernel["name"], "op": kernel.get("op"), "launches": kernel.get("launches", 1),
+         "grid": kernel.get("grid"), "block": kernel.get("block"), "threads_per_block": kernel.get("threads_per_block"),
+         "registers": kernel["registers"], "spill_stores": kernel["spill_stores"], "spill_loads": kernel["spill_loads"],
+         "shared_bytes": kernel["shared_bytes"], "stack_bytes": kernel.get("stack_bytes", 0),
+         "flops": kernel.get("flops"), "flops_fp16": kernel.get("flops_fp16", 0), "bytes": kernel.get("bytes"),
+         "occupancy": None, "blocks_per_sm": None, "limited_by": None, "roofline_us": None, "bound": None}
+    if k["threads_per_block"]:
+        occ = board.occupancy(k["registers"], k["threads_per_block"], k["shared_bytes"])
+        k.update(occupancy=occ["occupancy"], blocks_per_sm=occ["blocks_per_sm"], limited_by=occ["limited_by"])
+    if k["flops"] is not None and k["bytes"] is not None:
+        seconds, bound = board.roofline_seconds(k["flops"], k["bytes"], k["flops_fp16"] or 0)
+        k.update(roofline_us=round(seconds * 1e6, 3), bound=bound)
+    return k
+
+
+def summary(kernels: list[dict], board) -> dict:
+    """Totals over the kernels: counts, worst resources, work per inference and the predicted
+    frame time and fps on `board` (None when a kernel lacks statistics)."""
+    out = {"kernels": len(kernels), "launches": sum(k["launches"] for k in kernels),
+           "max_registers": max((k["registers"] for k in kernels), default=0),
+           "spill_bytes": sum(k["spill_stores"] + k["spill_loads"] for k in kernels),
+           "max_shared_bytes": max((k["shared_bytes"] for k in kernels), default=0),
+           "hand_written": sorted({k["op"] for k in kernels if k["op"]}),
+           "flops": None, "bytes": None, "predicted_ms": None, "predicted_fps": None}
+    if kernels and all(k["roofline_us"] is not None for k in kernels):
+        ms = sum(k["roofline_us"] * k["launches"] for k in kernels) / 1e3
+        out.update(flops=sum(k["flops"] * k["launches"] for k in kernels),
+                   bytes=sum(k["bytes"] * k["launches"] for k in kernels),
+                   predicted_ms=round(ms, 4), predicted_fps=round(1e3 / ms, 1) if ms > 0 else None,
+                   prediction=f"{PREDICTION}: sum of per-kernel roofline times on {board.name} "
+                              f"(max of FLOPs / peak and bytes / bandwidth); launch overheads not modelled")
+    return out
+
+
+def format_report(report: dict) -> str:
+    """The report as the text `edgeflow inspect` prints."""
+    m, t = report["model"], report["target"]
+    lines = [report["package"],
+             f"  model      {m.get('name')}" + (f" (width {m['width']})" if m.get("width") else "")
+             + f", input {report['input'][0]}x{report['input'][1]}, {report['precision']}",
+             f"  target     {t.get('name')} ({_target_text(t)})"]
+    acc = report.get("accuracy")
+    if acc:
+        lines.append(f"  accuracy   EPE {acc['epe_vs_torch']} px vs the torch model "
+                     f"(tolerance {acc.get('tolerance')} px, {acc.get('measured_on', '?')})")
+    lines.append("  files      " + ", ".join(f"{n} {_size(s)}" for n, s in report["files"].items()))
+    if "kernels" not in report:
+        lines.append(f"  note       {report['note']}")
+        return "\n".join(lines)
+    b = report["board"]
+    lines.append(f"  board      {b['description']}: {b['sm_count']} SMs, fp32 {b['peak_fp32_tflops']} TFLOPS, "
+                 f"fp16 {b['peak_fp16_tflops']} TFLOPS, {b['memory_bandwidth_gbs']} GB/s")
+    lines.append("")
+    lines += _kernel_table(report["kernels"])
+    s = report["summary"]
+    hand = f"; hand-written: {', '.join(s['hand_written'])}" if s["hand_written"] else ""
+    lines += ["", f"summary: {s['kernels']} kernels ({s['launches']} launches per inference), max registers "
+                  f"{s['max_registers']}, total spills {s['spill_bytes']} B, max shared memory "
+                  f"{_size(s['max_shared_bytes'])}{hand}"]
+    if s["predicted_ms"] is not None:
+        lines.append(f"{PREDICTION}: {s['predicted_ms']:.3f} ms per inference = {s['predicted_fps']} fps on "
+                     f"{b['name']} ({s['flops'] / 1e9:.3f} GFLOP, {s['bytes'] / 1e6:.2f} MB; roofline sum, "
+                     f"launch overheads not modelled)")
+    else:
+        lines.append(f"{PREDICTION}: not available, the package has no FLOP/byte counts (recompile it)")
+    return "\n".join(lines)
+
+
+NAME_WIDTH = 50  # longer (fused) kernel names are shortened in the table, not in the JSON
+
+
+def _kernel_table(kernels: list[dict]) -> list[str]:
+    width = min(NAME_WIDTH, max([len(k["name"]) for k in kernels] + [6]))
+    head = (f"{'kernel':<{width}} {'op':<11} {'calls':>5} {'grid':>9} {'block':>8} {'regs':>4} {'spill':>5} "
+            f"{'smem':>7} {'occ':>4} {'limit':<6} {'MFLOP':>9} {'kB':>8} {'us':>9} bound")
+    rows = [head]
+    for k in kernels:
+        occ = f"{k['occupancy']:.0%}" if k["occupancy"] is not None else "-"
+        name = k["name"] if len(k["name"]) <= width else k["name"][:width - 3] + "..."
+        rows.append(f"{name:<{width}} {k['op'] or '-':<11} {k['launches']:>5} {_dims(k['grid']):>9} "
+                    f"{_dims(k['block']):>8} {k['registers']:>4} {k['spill_stores'] + k['spill_loads']:>5} "
+                    f"{k['shared_bytes']:>7} {occ:>4} {_limit(k['limited_by']):<6} "
+                    f"{_num(k['flops'], 1e6, '.2f'):>9} {_num(k['bytes'], 1e3, '.1f'):>8} "
+                    f"{_num(k['roofline_us'], 1, '.2f'):>9} {k['bound'] or '-'}")
+    return rows
+
+
+def _board(target: dict):
+    from edgeflow import targets
+    from edgeflow.errors import PackageError
+
+    try:
+        return targets.get(target["name"])
+    except Exception:  # noqa: BLE001 - InputError listing the choices
+        raise PackageError(f"the package's board {target.get('name')!r} is not in this edgeflow's targets table; "
+                           f"choices: {', '.join(b for b in targets.names())}") from None
+
+
+def _target_text(t: dict) -> str:
+    parts = [t.get("kind", "?")]
+    if t.get("cuda_arch"):
+        parts += [t["cuda_arch"], f"CUDA {t.get('cuda_version')}"]
+    parts.append(t.get("host_triple") or t.get("machine") or "this machine")
+    return ", ".join(str(p) for p in parts)
+
+
+def _dims(d) -> str:
+    if not d:
+        return "-"
+    d = list(d)
+    while len(d) > 1 and d[-1] == 1:
+        d.pop()
+    return "x".join(str(v) for v in d)
+
+
+def _limit(name) -> str:
+    return {"registers": "regs", "shared": "smem", "threads": "thread", "blocks": "blocks"}.get(name, name or "-")
+
+
+def _num(value, scale: float, fmt: str) -> str:
+    return "-" if value is None else format(value / scale, fmt)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
