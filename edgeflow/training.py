@@ -105,9 +105,12 @@ class PairStream(torch.utils.data.IterableDataset):
 
 
 def multiscale_loss(pyramid, flow):
-    """FlowNet's loss: sum over levels of weight x mean EPE(flowK, pooled target / 20).
+    """FlowNet's loss: sum over levels of weight x EPE(flowK, pooled target / 20) summed over the
+    level's pixels, per pair (Caffe's loss layers divide by the batch only).
 
-    pyramid: [flow2..flow6], each [B,2,H/2^K,W/2^K]; flow: [B,2,H,W] target in pixels.
+    Summing over pixels makes flow2 (16x the pixels of flow4) weigh the most; a per-level mean
+    would let flow6 weigh 64x flow2, and the fine levels, where matching is learnt first, barely
+    move (MODEL_CARD.md). pyramid: [flow2..flow6], each [B,2,H/2^K,W/2^K]; flow: [B,2,H,W] in px.
     """
     import torch.nn.functional as F
 
@@ -116,7 +119,7 @@ def multiscale_loss(pyramid, flow):
     for weight, pred in zip(LOSS_WEIGHTS, pyramid):
         factor = target.shape[2] // pred.shape[2]
         t = F.avg_pool2d(target, factor, factor)
-        total = total + weight * torch.norm(pred - t, p=2, dim=1).mean()
+        total = total + weight * torch.norm(pred - t, p=2, dim=1).sum() / pred.shape[0]
     return total
 
 

@@ -104,8 +104,11 @@ def save(model, name: str, path: str | os.PathLike, *, meta: dict | None = None,
           for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "model": name, "state_dict": sd, "meta": meta or {}}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": FORMAT, "model": name, "state_dict": sd, "meta": meta or {}}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return sha256_file(path)
 
 

@@ -1,0 +1,62 @@
+"""Training: the multi-scale loss, the schedule, checkpoints and resume, frozen stages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgeflow.training import LOSS_WEIGHTS, TrainConfig, multiscale_loss, train
+
+TINY = dict(batch=2, curriculum=[[0, 64, 64]], workers=0, eval_every=2, heldout_pairs=2, heldout_size=(64, 64))
+
+
+def test_loss_is_zero_at_the_pooled_target_and_sums_pixels():
+    flow = torch.randn(2, 2, 64, 64) * 5
+    pooled = [torch.nn.functional.avg_pool2d(flow / 20, 2 ** k, 2 ** k) for k in range(2, 7)]
+    assert float(multiscale_loss(pooled, flow)) == pytest.approx(0, abs=1e-6)
+    # a constant error of (3, 4)/20 at every pixel of every level: EPE 0.25 per pixel, summed per pair
+    off = [p + torch.tensor([3.0, 4.0]).view(1, 2, 1, 1) / 20 for p in pooled]
+    want = sum(w * 0.25 * (64 // 2 ** k) ** 2 for w, k in zip(LOSS_WEIGHTS, range(2, 7)))
+    assert float(multiscale_loss(off, flow)) == pytest.approx(want, rel=1e-5)
+
+
+def test_schedule():
+    c = TrainConfig(steps=100, lr=1e-3, curriculum=[[0, 64, 64], [50, 128, 192]])
+    assert [c.lr_at(s) for s in (0, 59, 60, 80, 95)] == [1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4]
+    assert c.size_at(49) == (64, 64) and c.size_at(50) == (128, 192)
+
+
+def test_train_writes_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(model="flownet2-s", steps=2, **TINY), out, progress=False)
+    assert (out / "ckpt.pt").exists() and (out / "best.pt").exists()
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2
+    last = train(TrainConfig(model="flownet2-s", steps=4, **TINY), out, progress=False)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and last["step"] == 4
+    assert all(np.isfinite(r["heldout_epe"]) and r["heldout_epe"] > 0 for r in rows)
+    from edgeflow.models import create
+
+    create("flownet2-s", weights=out / "best.pt")  # best.pt is a loadable weight file
+
+
+def test_stack_trains_only_its_last_stage(tmp_path):
+    from edgeflow.models import create
+    from edgeflow.models.weights import save
+
+    torch.manual_seed(1)
+    donor = create("flownet2-s", weights=None)
+    save(donor, "flownet2-s", tmp_path / "s.pt")
+    train(TrainConfig(model="flownet2-ss", steps=2, init_from=str(tmp_path / "s.pt"), **TINY),
+          tmp_path / "run", progress=False)
+    trained = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    first = {k: v for k, v in trained.items() if k.startswith("flownets.")}
+    assert first and all(torch.equal(v, donor.state_dict()[k].half().float()) for k, v in first.items())
+    torch.manual_seed(0)  # TrainConfig.seed: the run's own initialisation of the second stage
+    init = create("flownet2-ss", weights=None).state_dict()
+    second = [k for k in trained if k.startswith("flownets_1.")]
+    assert second and any(not torch.equal(trained[k], init[k]) for k in second)
