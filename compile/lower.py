@@ -3,7 +3,8 @@
 CUDA: mixed precision when asked, our hand schedules for the custom ops, dlight's default GPU
 schedules for the rest; TVM's CUDA codegen gives CUDA C, which `cuda_toolchain` compiles with the
 NVRTC/ptxas of the board's CUDA release into a cubin; the host part is cross-compiled for aarch64.
-CPU: LLVM for the board's (or this machine's) CPU.
+CPU: our convolution computes and schedules (`cpu_schedules`), LLVM for the board's (or this
+machine's) CPU.
 """
 
 from __future__ import annotations
@@ -135,11 +136,17 @@ def build(mod, board):
 
     target = board.tvm_target()
     with target:
+        if not board.is_cuda:
+            from edgeflow.compile import cpu_schedules
+
+            mod = cpu_schedules.legalize(mod)  # convolutions as computes shaped for its schedules
         mod = relax.get_pipeline("zero")(mod)
         mod = _apply_hand_schedules(mod, target, board)
         if board.is_cuda:
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        else:
+            mod = cpu_schedules.schedule(mod)
     if not board.is_cuda:
         return tvm.compile(mod, target=target), None
     from edgeflow.compile import kernel_stats
