@@ -9,21 +9,22 @@ CUDA_12.6 := nvidia-cuda-nvrtc-cu12==12.6.85 nvidia-cuda-nvcc-cu12==12.6.85 \
              nvidia-cuda-runtime-cu12==12.6.77 nvidia-cuda-cccl-cu12==12.6.77
 CUDA_11.8 := nvidia-cuda-nvrtc-cu11==11.8.89 nvidia-cuda-nvcc-cu11==11.8.89 \
              nvidia-cuda-runtime-cu11==11.8.89 nvidia-cuda-cccl-cu11==11.8.89.post1
+CUDA_RELEASES := 12.6 11.8
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cross-compiler cuda-12.6 cuda-11.8
+.PHONY: install test demo bench clean cross-compiler $(addprefix cuda-,$(CUDA_RELEASES))
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk, so nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[compile,dev]'
-	$(MAKE) cuda-12.6 cuda-11.8 cross-compiler
+	$(MAKE) $(addprefix cuda-,$(CUDA_RELEASES)) cross-compiler
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 # One pip call per release: `pip --target` replaces the whole nvidia/ folder on each call.
-cuda-%:
+$(addprefix cuda-,$(CUDA_RELEASES)): cuda-%:
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/$* $(CUDA_$*)
 
 # The aarch64 cross toolchain for the host part of Jetson packages (Debian's package).
