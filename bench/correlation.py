@@ -7,7 +7,8 @@ one run and on the same inputs: our hand-scheduled TIR, `topi.nn.correlation_nch
 TVM's default pipeline (the only correlation TVM still ships), and edgeflow's torch reference
 op. For CUDA, without a GPU: per board the plan, FLOPs, bytes, shared memory, registers and
 spills from ptxas (when a toolchain for the arch is installed), and the occupancy and roofline
-time of the board's own model (`Board.occupancy`, `Board.roofline_seconds`, as `edgeflow inspect`).
+time of the board's own model (`Board.occupancy`, `Board.roofline_seconds`, as `edgeflow inspect`;
+`cuda_report` of `edgeflow.compile.ops.correlation`).
 
     python bench/correlation.py [--json] [--size 448x1024] [--width 0.375] [--dtype float32]
 """
@@ -100,17 +101,8 @@ def run(height: int = 448, width: int = 1024, channel_width: float = 0.375, dtyp
     if boards:
         from edgeflow.targets import BOARDS
 
-        result["cuda"] = {b.name: board_report(cuda_report(spec, b), b) for b in BOARDS.values() if b.is_cuda}
+        result["cuda"] = {b.name: cuda_report(spec, b) for b in BOARDS.values() if b.is_cuda}
     return result
-
-
-def board_report(report: dict, board) -> dict:
-    """The kernel's static `report` with occupancy and roofline time from the board's model, the
-    one `edgeflow inspect` uses (the correlation accumulates in fp32 whatever its input dtype)."""
-    occ = board.occupancy(report["registers"], report["threads"], report["shared_bytes"])
-    seconds, bound = board.roofline_seconds(report["flops"], report["dram_bytes"])
-    return {**report, "occupancy": occ["occupancy"], "blocks_per_sm": occ["blocks_per_sm"],
-            "occupancy_limited_by": occ["limited_by"], "roofline_ms": round(seconds * 1e3, 4), "bound": bound}
 
 
 def main(argv=None) -> int:

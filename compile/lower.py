@@ -83,10 +83,10 @@ def _drop_device_imports(module) -> None:
 def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
     """Target-independent rewrites: mixed precision, then parameter transforms done once here.
 
-    fp16: convolutions in fp16 with fp32 accumulation (custom ops stay fp32). The casts and
-    reshapes that depend only on parameters (fp16 weights, biases as [1,C,1,1]) are lifted out of
-    `main` and run now, on this CPU, so the package stores the transformed parameters and the
-    device does none of that work per frame.
+    fp16: convolutions in fp16 with fp32 accumulation, correlation and warp on fp16 data
+    (`ops.to_fp16`). The casts and reshapes that depend only on parameters (fp16 weights, biases
+    as [1,C,1,1]) are lifted out of `main` and run now, on this CPU, so the package stores the
+    transformed parameters and the device does none of that work per frame.
     mod: `main(img1, img2, *params)`; params: numpy arrays named `names` -> (mod, transformed
     arrays, their names: the name of the parameter each one is made from, e.g. a bias reshaped to
     [1,C,1,1] keeps the bias's name).
@@ -95,7 +95,9 @@ def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
     from tvm import relax
 
     if precision == "fp16":
-        mod = relax.transform.ToMixedPrecision(out_dtype="float32")(mod)
+        from edgeflow.compile.ops import to_fp16
+
+        mod = to_fp16(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = mod["main_transform_params"].with_attr("global_symbol", "main")
     vm = relax.VirtualMachine(tvm.compile(tvm.IRModule({"main": lifted}), target="llvm"), tvm.cpu())

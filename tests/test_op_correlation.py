@@ -3,6 +3,8 @@ reference op, GPU verifier and ptxas per Jetson board, torch.export -> Relax imp
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from edgeflow.models.ops import correlation_output_size, correlation_reference
 tvm = pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-from edgeflow.compile.ops import CUSTOM_CONVERT_MAP, apply_hand_schedules, gpu_limits, verify  # noqa: E402
+from edgeflow.compile.ops import CUSTOM_CONVERT_MAP, apply_hand_schedules, verify  # noqa: E402
 from edgeflow.compile.ops.correlation import (  # noqa: E402
     CorrelationSpec, correlation_primfunc, cuda_report, plan_cuda, schedule_correlation, spec_primfunc)
 from edgeflow.targets import BOARDS  # noqa: E402
@@ -189,7 +191,7 @@ def test_cuda_serial_flownet2c_plan(arch, c):
     """The kernel each board runs at 448x1024 (its tiles, halo and indexing over the full
     56x128 map), on two channel chunks of the features to keep the serial run short."""
     full = CorrelationSpec(1, c, 56, 128)
-    plan = plan_cuda(full, gpu_limits(board_for(arch)))
+    plan = plan_cuda(full, board_for(arch))
     f1, f2, _ = features(c, 56, 128)
     f1, f2 = f1[:, :2 * plan.chunk], f2[:, :2 * plan.chunk]
     ref = correlation_reference(torch.from_numpy(f1), torch.from_numpy(f2), **FLOWNET).numpy()
@@ -252,21 +254,20 @@ def test_serial_check_catches_schedule_bugs(rng):
 @pytest.mark.parametrize("c", [96, 256])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_gpu_verifier(board, c, dtype):
-    lim = gpu_limits(board)
     spec = CorrelationSpec(1, c, 56, 128, dtype=dtype, leaky_slope=0.1)
-    plan = plan_cuda(spec, lim)
-    assert plan.threads <= lim.max_threads_per_block
-    assert plan.shared_bytes <= lim.max_shared_memory_per_block
+    plan = plan_cuda(spec, board)
+    assert plan.threads <= board.max_threads_per_block
+    assert plan.shared_bytes <= board.max_shared_memory_per_block
     func = schedule_correlation(spec_primfunc(spec), cuda_target(board.cuda_arch), board)
     assert verify.verify_gpu(func, cuda_target(board.cuda_arch), board)
-    small = {**board.limits(), "max_shared_memory_per_block": plan.shared_bytes // 2}
+    small = replace(board, max_shared_memory_per_block=plan.shared_bytes // 2)
     assert not verify.verify_gpu(func, cuda_target(board.cuda_arch), small)  # the verifier bites
 
 
 def test_plan_follows_limits():
     spec = CorrelationSpec(1, 96, 56, 128)
-    orin = gpu_limits(BOARDS["jetson-orin-nano"])
-    tight = orin.__class__(**{**orin.__dict__, "max_shared_memory_per_block": 12288, "max_threads_per_block": 256})
+    orin = BOARDS["jetson-orin-nano"]
+    tight = replace(orin, max_shared_memory_per_block=12288, max_threads_per_block=256)
     a, b = plan_cuda(spec, orin), plan_cuda(spec, tight)
     assert b.shared_bytes <= 12288 and b.threads <= 256
     assert (a.tile_h, a.tile_w, a.p_block, a.chunk) != (b.tile_h, b.tile_w, b.p_block, b.chunk)
@@ -283,16 +284,61 @@ def test_ptxas_registers_and_spills(arch, c, dtype):
     if verify.ptxas_tool(arch, board.cuda_version) is None:
         pytest.skip(f"no CUDA toolchain for {arch} here")
     spec = CorrelationSpec(1, c, 56, 128, dtype=dtype, leaky_slope=0.1)
-    plan = plan_cuda(spec, gpu_limits(board))
+    plan = plan_cuda(spec, board)
     func = schedule_correlation(spec_primfunc(spec), cuda_target(arch), board, plan=plan)
     source = verify.cuda_source(func, cuda_target(arch))
     assert "float4" in source  # vectorised cooperative loads
+    assert f"__launch_bounds__({plan.threads}, {plan.blocks_per_sm})" in source  # ptxas budgets for the plan
     (kernel,) = verify.ptxas_resources(source, arch, board.cuda_version)
     assert kernel.spill_stores == 0 and kernel.spill_loads == 0 and kernel.stack_bytes == 0
     assert kernel.registers <= plan.register_budget(board), (kernel.registers, plan)
     assert kernel.shared_bytes == plan.shared_bytes
-    occ = verify.occupancy(kernel.registers, plan.threads, kernel.shared_bytes, gpu_limits(board))
-    assert occ["blocks_per_sm"] >= plan.blocks_per_sm
+    assert board.occupancy(kernel.registers, plan.threads, kernel.shared_bytes)["blocks_per_sm"] >= plan.blocks_per_sm
+
+
+# Feature maps (1/8 of the input) the FlowNet2 family compiles at: 64x64 up to 448x1024 and beyond,
+# odd ones among them (384x512 -> 48x64, 320x448 -> 40x56, 704x832 -> 88x104)
+SIZES = [(8, 8), (8, 16), (8, 32), (16, 16), (16, 32), (24, 32), (40, 56), (48, 64), (56, 128), (64, 128),
+         (88, 104), (128, 256)]
+
+
+@pytest.mark.nvcc
+@pytest.mark.parametrize("arch", ["sm_87", "sm_72", "sm_53"])
+def test_ptxas_no_spills_at_any_size(arch, request):
+    """The kernel of every size is spill-free and within the register budget of the occupancy
+    its plan aims at (3/8 width at all sizes; full width and fp16 at some)."""
+    board = board_for(arch)
+    if verify.ptxas_tool(arch, board.cuda_version) is None:
+        pytest.skip(f"no CUDA toolchain for {arch} here")
+    cases = ([(96, h, w, "float32") for h, w in SIZES] + [(256, h, w, "float32") for h, w in SIZES[::3]]
+             + [(96, h, w, "float16") for h, w in SIZES[1::3]])
+    bad = []
+    for c, h, w, dtype in cases:
+        spec = CorrelationSpec(1, c, h, w, dtype=dtype, leaky_slope=0.1)
+        plan = plan_cuda(spec, board)
+        kernel = _ptxas_cached(getattr(request.config, "cache", None), spec, plan, board)
+        if (kernel["spill_stores"] or kernel["spill_loads"] or kernel["stack_bytes"]
+                or kernel["registers"] > plan.register_budget(board)):
+            bad.append((c, h, w, dtype, plan, kernel))
+    assert not bad, bad
+
+
+def _ptxas_cached(cache, spec, plan, board) -> dict:
+    """ptxas's resources for the kernel of `spec` and `plan`, kept in pytest's cache (when there
+    is one) under the hash of the CUDA source and the toolchain: TVM's codegen runs every time,
+    NVRTC and ptxas once per source."""
+    import hashlib
+
+    target = cuda_target(board.cuda_arch)
+    source = verify.cuda_source(schedule_correlation(spec_primfunc(spec), target, board, plan=plan), target)
+    tool = verify.ptxas_tool(board.cuda_arch, board.cuda_version)
+    key = "edgeflow/ptxas/" + hashlib.sha256(f"{board.cuda_arch} {tool}\n{source}".encode()).hexdigest()[:24]
+    found = cache.get(key, None) if cache is not None else None
+    if found is None:
+        found = dict(verify.ptxas_resources(source, board.cuda_arch, board.cuda_version)[0].__dict__)
+        if cache is not None:
+            cache.set(key, found)
+    return found
 
 
 @pytest.mark.nvcc

@@ -4,6 +4,8 @@ and ptxas per Jetson board."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -154,21 +156,22 @@ def test_cuda_serial(shape, dtype, arch, rng):
 def test_gpu_verifier(board, dtype):
     func = schedule_warp(warp_primfunc((1, 3, 448, 1024), dtype=dtype), cuda_target(board.cuda_arch), board)
     assert verify.verify_gpu(func, cuda_target(board.cuda_arch), board)
-    assert not verify.verify_gpu(func, cuda_target(board.cuda_arch), {**board.limits(), "max_threads_per_block": 32})
+    assert not verify.verify_gpu(func, cuda_target(board.cuda_arch), replace(board, max_threads_per_block=32))
 
 
 @pytest.mark.nvcc
-@pytest.mark.parametrize("arch", ["sm_87", "sm_72"])
+@pytest.mark.parametrize("arch", ["sm_87", "sm_72", "sm_53"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_ptxas(arch, dtype):
+@pytest.mark.parametrize("shape", [(1, 3, 64, 256), (1, 3, 448, 1024)], ids=str)
+def test_ptxas(arch, dtype, shape):
     board = next(b for b in CUDA_BOARDS if b.cuda_arch == arch)
     if verify.ptxas_tool(arch, board.cuda_version) is None:
         pytest.skip(f"no CUDA toolchain for {arch} here")
-    func = schedule_warp(warp_primfunc((1, 3, 448, 1024), dtype=dtype), cuda_target(arch), board)
+    func = schedule_warp(warp_primfunc(shape, dtype=dtype), cuda_target(arch), board)
     (kernel,) = verify.ptxas_resources(verify.cuda_source(func, cuda_target(arch)), arch, board.cuda_version)
     assert kernel.spill_stores == 0 and kernel.spill_loads == 0 and kernel.stack_bytes == 0
     assert kernel.registers <= 64  # full occupancy needs <= 32 per thread at 2048 threads/SM; 64 = half
-    assert verify.occupancy(kernel.registers, 256, 0, board)["occupancy"] >= 0.5
+    assert board.occupancy(kernel.registers, 256)["occupancy"] >= 0.5
 
 
 @pytest.mark.gpu

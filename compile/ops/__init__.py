@@ -6,13 +6,13 @@ The frontend maps the torch custom ops `edgeflow::correlation` and `edgeflow::wa
 `edgeflow.op`; `apply_hand_schedules` later swaps each for its hand-scheduled form for the
 target, marked `tirx.is_scheduled` so that dlight leaves it alone.
 
-Schedules read the GPU's limits from `GpuLimits` (or a targets-table board, or its `limits()`
-dict). Importing this package does not import TVM.
+CUDA schedules size their tiles from a board of the targets table (`edgeflow.targets.Board`:
+shared memory, threads, registers, occupancy model), the one place board knowledge lives.
+`to_fp16` runs the operators of a mixed-precision module in fp16. Importing this package does
+not import TVM.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, fields, replace
 
 OP_ATTR = "edgeflow.op"
 PARAMS_ATTR = "edgeflow.params"
@@ -21,71 +21,46 @@ PARAMS_ATTR = "edgeflow.params"
 OPAQUE = {"op_pattern": 8}
 
 
-@dataclass(frozen=True)
-class GpuLimits:
-    """What a hand schedule may use on one GPU. Bytes, threads, registers (32-bit), per block/SM."""
+def gpu_board(board=None, target=None):
+    """The targets-table `Board` whose limits (shared memory, threads, registers, SMs; the
+    `_gpu_archs` entry of its CUDA arch) a CUDA schedule follows: `board` itself when given,
+    else the first board of the table with `target`'s CUDA arch, else the default board."""
+    from edgeflow import targets
 
-    max_shared_memory_per_block: int = 49152
-    max_threads_per_block: int = 1024
-    registers_per_sm: int = 65536
-    max_registers_per_block: int = 65536  # 32K on sm_53 (Maxwell)
-    max_registers_per_thread: int = 255
-    warp_size: int = 32
-    max_threads_per_sm: int = 1536
-    shared_memory_per_sm: int = 167936
-    max_blocks_per_sm: int = 16
-    sm_count: int = 8
-    fp32_lanes_per_sm: int = 128  # FP32 FMA per clock per SM: 128 Ampere/Maxwell, 64 Volta
-
-    def verifier_constraints(self) -> dict:
-        """Constraints for `tvm.s_tir.analysis.verify_gpu_code`."""
-        return {"max_shared_memory_per_block": self.max_shared_memory_per_block,
-                "max_threads_per_block": self.max_threads_per_block,
-                "max_thread_x": self.max_threads_per_block, "max_thread_y": self.max_threads_per_block,
-                "max_thread_z": 64, "max_vthread": 1, "max_vector_bytes": 16,
-                "max_local_memory_per_block": 2 ** 31 - 1}
+    if board is not None:
+        return board
+    arch = str(target.attrs.get("arch", "")) if hasattr(target, "attrs") else None
+    return next((b for b in targets.BOARDS.values() if b.is_cuda and b.cuda_arch == arch),
+                targets.get(targets.DEFAULT))
 
 
-# Jetson GPUs by CUDA arch (Orin sm_87, Xavier sm_72, Nano sm_53); a board entry overrides these.
-ARCH_LIMITS = {
-    "sm_87": GpuLimits(),
-    "sm_72": GpuLimits(max_threads_per_sm=2048, shared_memory_per_sm=98304, max_blocks_per_sm=32,
-                       sm_count=8, fp32_lanes_per_sm=64),
-    "sm_53": GpuLimits(max_threads_per_sm=2048, shared_memory_per_sm=65536, max_blocks_per_sm=32,
-                       sm_count=1, fp32_lanes_per_sm=128, max_registers_per_block=32768),
-}
+def launch_bounds(func, blocks_per_sm: int):
+    """Scheduled `func` with __launch_bounds__(threads, blocks_per_sm): ptxas then budgets the
+    registers for that occupancy. Given the thread count alone it picks an occupancy itself and
+    may squeeze a kernel into fewer registers than it needs, spilling (correlation, 672 threads
+    on sm_87: 40 registers for 2 blocks per SM, 28 bytes of spills)."""
+    import tvm_ffi
+    from tvm import tirx
 
+    def bound(loop):
+        if loop.kind != tirx.ForKind.THREAD_BINDING or loop.thread_binding.thread_tag != "blockIdx.x":
+            return loop
+        body = tirx.AttrStmt(loop.loop_var, "tirx.launch_bounds_min_blocks_per_sm",
+                             tirx.IntImm("int32", blocks_per_sm), loop.body)
+        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding,
+                        loop.annotations)
 
-def gpu_limits(limits=None, target=None) -> GpuLimits:
-    """Normalise `limits` (GpuLimits, a board with `limits()`, a dict, an object with the same
-    attribute names, or None) on top of the defaults for `target`'s CUDA arch."""
-    arch = None
-    if target is not None:
-        arch = str(target.attrs.get("arch", "")) if hasattr(target, "attrs") else None
-    base = ARCH_LIMITS.get(arch, GpuLimits())
-    if limits is None:
-        return base
-    if isinstance(limits, GpuLimits):
-        return limits
-    if hasattr(limits, "limits") and callable(limits.limits):
-        board = limits
-        limits = dict(board.limits())
-        if getattr(board, "sm_count", None):
-            limits["sm_count"] = board.sm_count
-        arch = getattr(board, "cuda_arch", None) or arch
-        base = ARCH_LIMITS.get(arch, base)
-    get = limits.get if isinstance(limits, dict) else (lambda k: getattr(limits, k, None))
-    found = {f.name: int(get(f.name)) for f in fields(GpuLimits) if get(f.name) is not None}
-    return replace(base, **found)
+    return func.with_body(tvm_ffi.structural_map(func.body, (tirx.For, bound), order="post"))
 
 
 def is_cuda(target) -> bool:
     return target is not None and str(target.kind.name) == "cuda"
 
 
-def apply_hand_schedules(mod, target, limits=None):
+def apply_hand_schedules(mod, target, board=None):
     """Replace every PrimFunc of `mod` that carries `edgeflow.op` by its hand-scheduled form for
-    `target` (CUDA or LLVM). Other functions are returned untouched."""
+    `target` (CUDA or LLVM; CUDA tiles sized for `board`, see `gpu_board`). Other functions are
+    returned untouched."""
     from edgeflow.compile.ops import correlation, warp
 
     schedulers = {"correlation": correlation.schedule_correlation, "warp": warp.schedule_warp}
@@ -97,13 +72,72 @@ def apply_hand_schedules(mod, target, limits=None):
         op = str(attrs[OP_ATTR])
         if op not in schedulers:
             raise ValueError(f"no hand schedule for edgeflow.op={op!r}")
-        todo.append((gv, schedulers[op](func, target, limits)))
+        todo.append((gv, schedulers[op](func, target, board)))
     if not todo:
         return mod
     out = mod.clone()
     for gv, func in todo:
         out.update_func(gv, func)
     return out
+
+
+def to_fp16(mod):
+    """`mod` (after `relax.transform.ToMixedPrecision`) with our operators run in fp16.
+
+    ToMixedPrecision gives convolutions fp16 inputs but leaves `call_tir`s alone, so correlation
+    and warp would read and write fp32. Each fp32 `call_tir` of ours becomes the fp16 variant of
+    its PrimFunc (fp16 in and out, fp32 arithmetic inside): inputs that are casts of fp16 values
+    to fp32 are read uncast, others are cast to fp16; the result is cast to fp32 for its users,
+    and a user's cast back to fp16 reads the fp16 result directly."""
+    from dataclasses import replace
+
+    from tvm import relax
+
+    from edgeflow.compile.ops.correlation import CorrelationSpec, spec_primfunc
+    from edgeflow.compile.ops.warp import warp_primfunc
+
+    def variant(func):
+        if str(func.attrs[OP_ATTR]) == "correlation":
+            return spec_primfunc(replace(CorrelationSpec.of(func), dtype="float16"))
+        return warp_primfunc(func.params[0].shape, dtype="float16")
+
+    def fp16_source(expr):
+        """x when `expr` is (a variable bound to) astype(x, "float32") of an fp16 x, else None."""
+        value = rewriter.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        if (isinstance(value, relax.Call) and value.op.name == "relax.astype"
+                and str(value.attrs.dtype) == "float32" and str(value.args[0].ty.dtype) == "float16"):
+            return value.args[0]
+        return None
+
+    def half(expr):
+        source = fp16_source(expr)
+        return rewriter.builder_.emit(relax.op.astype(expr, "float16")) if source is None else source
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op.name == "relax.astype" and str(call.attrs.dtype) == "float16":
+                source = fp16_source(call.args[0])  # fp16 -> fp32 -> fp16: the fp16 value itself
+                return call if source is None else source
+            if call.op.name != "relax.call_tir" or str(call.ty.dtype) != "float32":
+                return call
+            gv = call.args[0]
+            func = mod[gv] if gv in mod.functions else None
+            if func is None or func.attrs is None or OP_ATTR not in func.attrs:
+                return call
+            if gv not in halves:
+                halves[gv] = self.builder_.add_func(variant(func), f"{gv.name_hint}_fp16")
+            out = relax.TensorType(call.ty.shape, "float16")
+            result = self.builder_.emit(relax.call_tir(halves[gv], [half(a) for a in call.args[1].fields], out))
+            return relax.op.astype(result, "float32")
+
+    halves: dict = {}
+    rewriter = Rewriter(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
 
 def node_args(node, names) -> dict:

@@ -14,7 +14,8 @@ CUDA: a block owns a tile of output pixels and a band of displacement rows; per 
 channels it stages the first features' tile and the second features' window (the tile plus
 the displacement halo) in shared memory with cooperative, vectorised loads, then every thread
 accumulates a register tile of (displacement rows x displacement columns x pixels) from
-register copies of both. Tile sizes come from `plan_cuda` and the GPU's limits.
+register copies of both. Tile sizes come from `plan_cuda` and the board's entry in the targets
+table; the kernel is launch-bounded for the occupancy the plan aims at.
 
 CPU: rows in parallel; the second features padded once into a scratch buffer; for each pixel
 row, displacement row and strip of pixels, the accumulators of all displacement columns stay in
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR, gpu_limits, is_cuda, node_args
+from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR, gpu_board, is_cuda, launch_bounds, node_args
 
 ACC = "float32"
 
@@ -248,19 +249,11 @@ class CudaPlan:
     occupancy: float  # resident warps / max warps per SM
     cycles: float  # modelled GPU cycles (relative, for ranking plans)
 
-    def register_budget(self, limits) -> int:
-        """Registers per thread that still give `blocks_per_sm` resident blocks."""
-        lim = gpu_limits(limits)
-        warps = -(-self.threads // lim.warp_size)
-        per_thread = min(lim.registers_per_sm // (self.blocks_per_sm * warps),
-                         lim.max_registers_per_block // _alloc_warps(warps)) // lim.warp_size
-        return min(lim.max_registers_per_thread, per_thread // 8 * 8)
-
-
-def _alloc_warps(warps: int) -> int:
-    """Warps a block's registers are allocated for (granularity 4 warps), as ptxas budgets them
-    under __launch_bounds__."""
-    return -(-warps // 4) * 4
+    def register_budget(self, board) -> int:
+        """Registers per thread that still give `blocks_per_sm` resident blocks on `board` (what
+        ptxas may use under the kernel's __launch_bounds__(threads, blocks_per_sm))."""
+        return next(r for r in range(board.max_registers_per_thread, 0, -1)
+                    if board.occupancy(r, self.threads, self.shared_bytes)["blocks_per_sm"] >= self.blocks_per_sm)
 
 
 def _divisors(n: int, cap: int | None = None) -> list[int]:
@@ -298,12 +291,13 @@ def _fetch_vec(spec: CorrelationSpec, which: int, tile_w: int, cols: int) -> int
     return 1
 
 
-def plan_cuda(spec: CorrelationSpec, limits=None) -> CudaPlan:
-    """The tiling for `spec` on a GPU with `limits`, chosen by a small throughput model: shared-
-    memory wavefronts vs FMA issue per channel, cooperative fetch cost, waves over the SMs and
-    latency hiding by resident warps; subject to the block's shared memory, thread and register
-    limits and 'no local-memory arrays' (register tiles are fully unrolled)."""
-    lim = gpu_limits(limits)
+def plan_cuda(spec: CorrelationSpec, board=None) -> CudaPlan:
+    """The tiling for `spec` on `board` (targets table; see `gpu_board`), chosen by a small
+    throughput model: shared-memory wavefronts vs FMA issue per channel, cooperative fetch cost,
+    waves over the SMs and latency hiding by resident warps; subject to the block's shared
+    memory, thread and register limits and 'no local-memory arrays' (register tiles are fully
+    unrolled), with the board's occupancy model."""
+    board = gpu_board(board)
     oh, ow = spec.out_hw
     d, ch = spec.grid, spec.channels
     best = None
@@ -313,46 +307,46 @@ def plan_cuda(spec: CorrelationSpec, limits=None) -> CudaPlan:
                 rows1, cols1, rows2, cols2 = _window(spec, tile_h, tile_w, p_block)
                 for chunk in _divisors(ch, 32):
                     shared = chunk * (rows1 * cols1 + rows2 * cols2) * 4
-                    if shared > lim.max_shared_memory_per_block:
+                    if shared > board.max_shared_memory_per_block:
                         continue
                     vec = min(_fetch_vec(spec, 1, tile_w, cols1), _fetch_vec(spec, 2, tile_w, cols2))
                     for p_reg in _divisors(p_block, 4):
                         for o_reg in _divisors(d, 8):
                             for x_reg in _divisors(tile_w, 8):
-                                cand = _score(spec, lim, tile_h, tile_w, p_block, p_reg, o_reg, x_reg,
+                                cand = _score(spec, board, tile_h, tile_w, p_block, p_reg, o_reg, x_reg,
                                               chunk, vec, shared)
                                 if cand is not None and (best is None or cand.cycles < best.cycles):
                                     best = cand
     if best is None:
-        raise ValueError(f"no CUDA tiling of correlation {spec} fits {lim}")
+        raise ValueError(f"no CUDA tiling of correlation {spec} fits {board.name}")
     return best
 
 
-def _score(spec, lim, tile_h, tile_w, p_block, p_reg, o_reg, x_reg, chunk, vec, shared):
+def _score(spec, board, tile_h, tile_w, p_block, p_reg, o_reg, x_reg, chunk, vec, shared):
     oh, ow = spec.out_hw
     d, k, s1, s2 = spec.grid, spec.kernel_size, spec.stride1, spec.stride2
-    ws = lim.warp_size
+    ws = board.warp_size
     threads = (p_block // p_reg) * tile_h * (tile_w // x_reg) * (d // o_reg)
-    if threads > lim.max_threads_per_block or threads < ws:
+    if threads > board.max_threads_per_block or threads < ws:
         return None
     f2_cols = (x_reg - 1) * s1 + 1 + (o_reg - 1) * s2
     acc = p_reg * o_reg * x_reg
-    regs = acc + x_reg + p_reg * f2_cols + 32  # + indices, pointers, loop state
-    if regs > min(lim.max_registers_per_thread, 160):
+    # + indices, pointers, loop state: ptxas needs at most ~30 more than the register tile with
+    # the chunk loop rolled (measured on sm_87/72/53 over the family's sizes); an upper bound, as
+    # the kernel's launch bounds give ptxas the budget of the occupancy planned from it
+    regs = acc + x_reg + p_reg * f2_cols + 32
+    if regs > min(board.max_registers_per_thread, 160):
         return None
     regs = -(-regs // 8) * 8
     warps = -(-threads // ws)
-    if regs * _alloc_warps(warps) * ws > lim.max_registers_per_block:
-        return None
     blocks = spec.batch * (d // p_block) * (oh // tile_h) * (ow // tile_w)
-    per_sm = min(lim.registers_per_sm // (regs * warps * ws), lim.max_threads_per_sm // (warps * ws),
-                 (lim.shared_memory_per_sm // shared) if shared else lim.max_blocks_per_sm,
-                 lim.max_blocks_per_sm)
+    occ = board.occupancy(regs, threads, shared)
+    per_sm = occ["blocks_per_sm"]
     if per_sm < 1:
         return None
     # per block: each (channel, ky, kx) step issues p_reg*o_reg*x_reg FMAs and x_reg + p_reg*f2_cols
     # shared loads per warp (f1 loads are broadcasts within the warp)
-    fma = warps * acc * ws / lim.fp32_lanes_per_sm
+    fma = warps * acc * ws / board.fp32_lanes_per_sm
     lds = warps * (x_reg + p_reg * f2_cols)
     steps = spec.channels * k * k
     rows1, cols1, rows2, cols2 = _window(spec, tile_h, tile_w, p_block)
@@ -360,13 +354,12 @@ def _score(spec, lim, tile_h, tile_w, p_block, p_reg, o_reg, x_reg, chunk, vec, 
     fetch = (spec.channels // chunk) * (warps * fetch_iters * 3 + 40)
     store = warps * acc * 2
     per_block = steps * max(fma, lds) + fetch + store
-    waves = -(-blocks // (lim.sm_count * per_sm))
-    active_warps = min(per_sm, -(-blocks // lim.sm_count)) * warps
+    waves = -(-blocks // (board.sm_count * per_sm))
+    active_warps = min(per_sm, -(-blocks // board.sm_count)) * warps
     hiding = min(1.0, active_warps / 16)
     cycles = waves * per_sm * per_block / hiding
-    occupancy = per_sm * warps * ws / lim.max_threads_per_sm
     return CudaPlan(tile_h, tile_w, p_block, p_reg, o_reg, x_reg, chunk, vec, threads, blocks, shared,
-                    regs, per_sm, round(occupancy, 3), cycles)
+                    regs, per_sm, occ["occupancy"], cycles)
 
 
 def _schedule_cuda(func, spec: CorrelationSpec, plan: CudaPlan):
@@ -428,6 +421,10 @@ def _schedule_cuda(func, spec: CorrelationSpec, plan: CudaPlan):
             sch.vectorize(xv)
     for lp in (p2, o2, j2):
         sch.unroll(lp)
+    # the channels of a chunk one after the other (#pragma unroll 1): NVVM unrolls a short chunk
+    # and overlaps the register copies of several channels, up to 45 registers beyond the
+    # register tile (20 rolled), more than the plan's estimate allows for
+    sch.annotate(c1, "disable_unroll", True)
     sch.decompose_reduction(corr, c0)
     # epilogue: unroll; vector stores along x when the register tile allows
     ol = sch.get_loops(out)[-5:]
@@ -440,7 +437,20 @@ def _schedule_cuda(func, spec: CorrelationSpec, plan: CudaPlan):
         sch.vectorize(xv)
     else:
         sch.unroll(ol[-1])
-    return sch.mod["main"]
+    # ptxas budgets the registers for the plan's occupancy
+    return launch_bounds(_simplify(sch.mod["main"]), plan.blocks_per_sm)
+
+
+def _simplify(func):
+    """`func` with its indices simplified under the blocks' iteration domains. The epilogue reads
+    the accumulators at ((p*D + o) // D, (p*D + o) % D) after `transform_block_layout`; left so,
+    buffer compaction cannot bound the displacement column of a thread with several displacement
+    rows, keeps the whole [p_reg, D, x_reg] accumulator array and indexes it by threadIdx: a
+    local-memory array instead of registers."""
+    import tvm
+    from tvm import s_tir
+
+    return s_tir.transform.StmtSimplify()(tvm.IRModule({"main": func}))["main"]
 
 
 def _register_vec(spec: CorrelationSpec, plan: CudaPlan, which: int) -> int:
@@ -552,15 +562,16 @@ def _schedule_cpu(func, spec: CorrelationSpec, target):
 # public entry points
 
 
-def schedule_correlation(func, target, limits=None, plan: CudaPlan | None = None):
+def schedule_correlation(func, target, board=None, plan: CudaPlan | None = None):
     """The hand-scheduled form of `func` (from `correlation_primfunc`) for a CUDA or LLVM
-    `target`, with `tirx.is_scheduled` set so that dlight leaves it alone."""
+    `target` (CUDA: tiles from `plan`, else planned for `board` of the targets table, see
+    `gpu_board`), with `tirx.is_scheduled` set so that dlight leaves it alone."""
     import tvm
 
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     spec = CorrelationSpec.of(func)
     if is_cuda(target):
-        plan = plan or plan_cuda(spec, gpu_limits(limits, target))
+        plan = plan or plan_cuda(spec, gpu_board(board, target))
         sched = _schedule_cuda(func, spec, plan)
         extra = {"edgeflow.plan": {k: v for k, v in asdict(plan).items() if k != "cycles"}}
     elif str(target.kind.name) == "llvm":
@@ -629,40 +640,36 @@ def convert_leaky_relu(node, importer):
 
 
 def cuda_report(spec: CorrelationSpec, board, *, ptxas: bool = True) -> dict:
-    """Static report of the CUDA kernel for `spec` on a targets-table `board` (needs its
-    cuda_arch, peak_fp32_tflops, memory_bandwidth_gbs): the plan, FLOPs, bytes, shared memory,
-    registers and spills (ptxas when a toolchain for the arch is here, else the plan's
-    estimate), occupancy and the roofline time (fp32 FMA peak vs DRAM bandwidth)."""
+    """Static report of the CUDA kernel for `spec` on a targets-table `board`: the plan, FLOPs,
+    bytes, shared memory, registers and spills (ptxas when a toolchain for the arch is here,
+    else the plan's estimate), and the board's own model of it (`Board.occupancy`,
+    `Board.roofline_seconds`, as `edgeflow inspect` uses; the arithmetic is fp32 whatever the
+    input dtype)."""
     import tvm
 
     from edgeflow.compile.ops import verify
 
-    lim = gpu_limits(board)
-    plan = plan_cuda(spec, lim)
+    plan = plan_cuda(spec, board)
     esize = 2 if spec.dtype == "float16" else 4
     b, c, h, w = spec.batch, spec.channels, spec.height, spec.width
     dram = (2 * b * c * h * w + math.prod(spec.out_shape)) * esize
     rows1, cols1, rows2, cols2 = _window(spec, plan.tile_h, plan.tile_w, plan.p_block)
     fetched = plan.blocks * c * (rows1 * cols1 + rows2 * cols2) * esize
-    report = {"board": getattr(board, "name", None), "arch": board.cuda_arch, "dtype": spec.dtype,
+    report = {"board": board.name, "arch": board.cuda_arch, "dtype": spec.dtype,
               "plan": {k: v for k, v in asdict(plan).items() if k != "cycles"},
               "flops": spec.flops, "dram_bytes": dram, "global_load_bytes": fetched,
               "shared_bytes": plan.shared_bytes, "threads": plan.threads, "blocks": plan.blocks,
               "registers": plan.registers, "registers_source": "estimate", "spill_bytes": None}
-    tool = verify.ptxas_tool(board.cuda_arch, getattr(board, "cuda_version", None)) if ptxas else None
+    tool = verify.ptxas_tool(board.cuda_arch, board.cuda_version) if ptxas else None
     if tool is not None:
-        func = schedule_correlation(spec_primfunc(spec), tvm.target.Target(
-            {"kind": "cuda", "arch": board.cuda_arch}), lim, plan=plan)
-        res = verify.ptxas_resources(verify.cuda_source(func, {"kind": "cuda", "arch": board.cuda_arch}),
-                                     board.cuda_arch, getattr(board, "cuda_version", None))[0]
+        target = tvm.target.Target({"kind": "cuda", "arch": board.cuda_arch})
+        func = schedule_correlation(spec_primfunc(spec), target, board, plan=plan)
+        res = verify.ptxas_resources(verify.cuda_source(func, target), board.cuda_arch, board.cuda_version)[0]
         report.update(registers=res.registers, registers_source=f"ptxas ({tool})",
                       spill_bytes=res.spill_stores + res.spill_loads, shared_bytes=res.shared_bytes)
-    occ = verify.occupancy(report["registers"], plan.threads, report["shared_bytes"], lim)
-    t_compute = spec.flops / (board.peak_fp32_tflops * 1e12)
-    t_memory = dram / (board.memory_bandwidth_gbs * 1e9)
+    occ = board.occupancy(report["registers"], plan.threads, report["shared_bytes"])
+    seconds, bound = board.roofline_seconds(spec.flops, dram)
     report.update(occupancy=occ["occupancy"], blocks_per_sm=occ["blocks_per_sm"],
-                  occupancy_limited_by=occ["limited_by"],
-                  arithmetic_intensity=round(spec.flops / dram, 2),
-                  roofline_ms=round(max(t_compute, t_memory) * 1e3, 4),
-                  bound="compute" if t_compute >= t_memory else "memory")
+                  occupancy_limited_by=occ["limited_by"], arithmetic_intensity=round(spec.flops / dram, 2),
+                  roofline_ms=round(seconds * 1e3, 4), bound=bound)
     return report

@@ -5,12 +5,12 @@
   CPU it computes what the kernel computes (each "thread" redoes the cooperative loads, which
   changes nothing), so tiling, halo and index bugs of a schedule show up as wrong numbers.
 - `run_primfunc(func, inputs, target)`: build a PrimFunc and run it on numpy arrays.
-- `verify_gpu(func, target, limits)`: TVM's GPU code verifier (threads, shared memory, vector
-  width) on the lowered function, against a board's limits.
+- `verify_gpu(func, target, board)`: TVM's GPU code verifier (threads, shared memory, vector
+  width) on the lowered function, against a targets-table board's limits.
 - `cuda_source(func, target)`, `ptxas_resources(source, arch)`: TVM's CUDA C for a function,
   and what ptxas makes of it (registers, spills, shared memory per kernel), with the board's
   CUDA toolchain (`edgeflow.compile.cuda_toolchain`) when installed, else `nvcc` on PATH.
-- `occupancy(registers, threads, shared_bytes, limits)`: resident blocks and warps per SM.
+Occupancy is the board's own model: `edgeflow.targets.Board.occupancy`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from edgeflow.compile.ops import gpu_limits
+from edgeflow.compile.ops import gpu_board
 
 GPU_SCOPES = ("shared", "shared.dyn", "local", "warp")
 
@@ -115,12 +115,17 @@ def lower_device(func, target):
     return mod["main"]
 
 
-def verify_gpu(func, target, limits=None) -> bool:
-    """TVM's GPU code verifier on scheduled `func` with the board's limits."""
+def verify_gpu(func, target, board=None) -> bool:
+    """TVM's GPU code verifier on scheduled `func` with the limits of `board` (see `gpu_board`)."""
     from tvm.s_tir.analysis import verify_gpu_code
 
-    lim = gpu_limits(limits, target if hasattr(target, "attrs") else None)
-    return bool(verify_gpu_code(lower_device(func, target), lim.verifier_constraints()))
+    board = gpu_board(board, target)
+    threads = board.max_threads_per_block
+    constraints = {"max_shared_memory_per_block": board.max_shared_memory_per_block,
+                   "max_threads_per_block": threads, "max_thread_x": threads, "max_thread_y": threads,
+                   "max_thread_z": 64, "max_vthread": 1, "max_vector_bytes": 16,
+                   "max_local_memory_per_block": 2 ** 31 - 1}
+    return bool(verify_gpu_code(lower_device(func, target), constraints))
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,19 +230,3 @@ def ptxas_resources(source: str, arch: str, cuda_version: str | None = None) -> 
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed for {arch}:\n{res.stderr[-4000:]}")
     return ct.parse_ptxas(res.stderr + res.stdout)
-
-
-def occupancy(registers: int, threads: int, shared_bytes: int, limits=None) -> dict:
-    """Resident blocks/warps per SM for a kernel with these resources (allocation granularity:
-    registers per warp in units of 256, i.e. 8 per thread)."""
-    lim = gpu_limits(limits)
-    warps = -(-threads // lim.warp_size)
-    regs = max(8, -(-registers // 8) * 8)
-    by = {"registers": lim.registers_per_sm // (regs * lim.warp_size * warps),
-          "threads": lim.max_threads_per_sm // (warps * lim.warp_size),
-          "shared": lim.shared_memory_per_sm // shared_bytes if shared_bytes else lim.max_blocks_per_sm,
-          "blocks": lim.max_blocks_per_sm}
-    blocks = min(by.values())
-    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
-            "occupancy": round(blocks * warps * lim.warp_size / lim.max_threads_per_sm, 3),
-            "limited_by": min(by, key=by.get)}

@@ -12,7 +12,7 @@ inside it, so they are computed once per pixel (common subexpressions after unro
 
 from __future__ import annotations
 
-from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR, gpu_limits, is_cuda, node_args
+from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR, gpu_board, is_cuda, launch_bounds, node_args
 
 ACC = "float32"
 MAX_UNROLLED_CHANNELS = 16
@@ -62,10 +62,9 @@ def warp_primfunc(image_shape, *, dtype: str = "float32"):
     return func.with_attrs({OP_ATTR: "warp", PARAMS_ATTR: {"dtype": dtype}, **OPAQUE})
 
 
-def _schedule_cuda(func, limits):
+def _schedule_cuda(func, board):
     from tvm import s_tir
 
-    lim = gpu_limits(limits)
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("warp")
     n, c, y, x = sch.get_loops(blk)
@@ -73,8 +72,8 @@ def _schedule_cuda(func, limits):
     pixels = b * h * w
     # one pixel per thread, consecutive x in consecutive lanes (coalesced flow reads and stores);
     # 256 threads unless that leaves SMs idle
-    threads = min(256, lim.max_threads_per_block)
-    while threads > 64 and -(-pixels // threads) < 2 * lim.sm_count:
+    threads = min(256, board.max_threads_per_block)
+    while threads > 64 and -(-pixels // threads) < 2 * board.sm_count:
         threads //= 2
     sch.reorder(n, y, x, c)
     fused = sch.fuse(n, y, x)
@@ -83,7 +82,9 @@ def _schedule_cuda(func, limits):
     sch.bind(tx, "threadIdx.x")
     if ch <= MAX_UNROLLED_CHANNELS:
         sch.unroll(c)
-    return sch.mod["main"]
+    # half the SM's threads resident: registers enough for the fp16 kernel on the Nano (full
+    # occupancy leaves 32 per thread there, and ptxas spills to reach it)
+    return launch_bounds(sch.mod["main"], max(1, board.max_threads_per_sm // threads // 2))
 
 
 def _schedule_cpu(func):
@@ -101,14 +102,14 @@ def _schedule_cpu(func):
     return sch.mod["main"]
 
 
-def schedule_warp(func, target, limits=None):
-    """The hand-scheduled form of `func` (from `warp_primfunc`) for a CUDA or LLVM `target`,
-    marked `tirx.is_scheduled`."""
+def schedule_warp(func, target, board=None):
+    """The hand-scheduled form of `func` (from `warp_primfunc`) for a CUDA or LLVM `target`
+    (CUDA: for `board` of the targets table, see `gpu_board`), marked `tirx.is_scheduled`."""
     import tvm
 
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if is_cuda(target):
-        sched = _schedule_cuda(func, gpu_limits(limits, target))
+        sched = _schedule_cuda(func, gpu_board(board, target))
     elif str(target.kind.name) == "llvm":
         sched = _schedule_cpu(func)
     else:
