@@ -14,18 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edgeflow.models.ops import correlation_output_size
+from edgeflow.models.ops import correlation_output_size, warp_sample_points
 
 
 def warp_decomposition(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """`warp_reference` with GridSample: sample points outside [0,W)x[0,H) give 0; inside,
     border padding repeats the last column/row, as FlowWarp's clamped right/bottom neighbour."""
     _, _, h, w = image.shape
-    ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
-    xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
-    x2 = xs + flow[:, 0]
-    y2 = ys + flow[:, 1]
-    inside = (x2 >= 0) & (y2 >= 0) & (x2 < w) & (y2 < h)
+    x2, y2, inside = warp_sample_points(flow)
     grid = torch.stack((x2 * (2.0 / max(w - 1, 1)) - 1.0, y2 * (2.0 / max(h - 1, 1)) - 1.0), 3)
     out = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return torch.where(inside.unsqueeze(1), out, torch.zeros_like(out))

@@ -57,6 +57,17 @@ def correlation_reference(f1: torch.Tensor, f2: torch.Tensor, kernel_size: int =
     return torch.stack(outs, 1) / float(k * k * c)
 
 
+def warp_sample_points(flow: torch.Tensor):
+    """FlowWarp's sample points of flow [B, 2, H, W] (px): (x2, y2) [B, H, W] and the mask of those
+    inside [0, W) x [0, H) (False for NaN)."""
+    _, _, h, w = flow.shape
+    ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
+    x2 = xs + flow[:, 0]
+    y2 = ys + flow[:, 1]
+    return x2, y2, (x2 >= 0) & (y2 >= 0) & (x2 < w) & (y2 < h)
+
+
 def warp_reference(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """Backward bilinear warp exactly as Caffe's FlowWarp layer: out(x, y) = image(x + u, y + v).
 
@@ -67,11 +78,7 @@ def warp_reference(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     (1-a)(1-b)TL + a(1-b)TR + (1-a)bBL + abBR with a = x2 - floor(x2), b = y2 - floor(y2).
     """
     b, c, h, w = image.shape
-    ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
-    xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
-    x2 = xs + flow[:, 0]
-    y2 = ys + flow[:, 1]
-    inside = (x2 >= 0) & (y2 >= 0) & (x2 < w) & (y2 < h)
+    x2, y2, inside = warp_sample_points(flow)
     # points outside sample (0, 0) and are masked: finite weights, gathers in range, no gradient
     x2 = torch.where(inside, x2, torch.zeros_like(x2))
     y2 = torch.where(inside, y2, torch.zeros_like(y2))
