@@ -2,7 +2,9 @@
 
 Recipe (measured in MODEL_CARD.md): He initialisation, Adam at 4e-4 halved at 60/80/90 % of the
 steps, FlowNet's multi-scale EPE loss on flow6..flow2 with weights 0.32/0.08/0.02/0.01/0.005 and
-the target scaled by 1/20, a curriculum of crop sizes, flips and photometric augmentation. For a
+the target scaled by 1/20, a curriculum of crop sizes cut from pairs rendered at the held-out
+size (the synthetic displacements scale with the render width, so rendering at the crop size
+would never show the net the held-out set's largest motions), flips and photometric augmentation. For a
 stack, the earlier stages are loaded from the shipped weights of the smaller model and frozen.
 Checkpoints (`ckpt.pt`) are written atomically and resumed; `log.jsonl` holds the curve.
 """
@@ -34,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # coupled L2 in Adam; 4e-4 held the net at zero flow (MODEL_CARD.md)
     # (first step, H, W): crop size from that step on
     curriculum: list = field(default_factory=lambda: [[0, 256, 320], [20000, 320, 448]])
+    scene: tuple = (384, 512)  # render size (H, W) of a training pair; crops are cut from it
     seed: int = 0
     workers: int = 1
     eval_every: int = 1000
@@ -83,13 +86,15 @@ def _chw(a: np.ndarray) -> torch.Tensor:
 class PairStream(torch.utils.data.IterableDataset):
     """An endless stream of augmented synthetic pairs, seeded per worker.
 
-    Items are (img1 [3,H,W] float RGB in [0,1], img2, flow [2,H,W] in pixels). The crop size is
-    read from `size_value`, a shared (H, W) array the trainer moves along the curriculum.
+    Pairs are rendered at `scene` (H, W) and a random crop is cut from each. Items are
+    (img1 [3,H,W] float RGB in [0,1], img2, flow [2,H,W] in pixels). The crop size (H, W) is
+    read from `size_value`, a shared array the trainer moves along the curriculum.
     """
 
-    def __init__(self, seed: int, size_value):
+    def __init__(self, seed: int, size_value, scene: tuple[int, int]):
         self.seed = seed
         self.size_value = size_value
+        self.scene = tuple(scene)
 
     def __iter__(self):
         import cv2
@@ -100,7 +105,12 @@ class PairStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
         while True:
-            img1, img2, flow = augment(*generate_pair(rng, tuple(self.size_value[:])), rng)
+            h, w = self.size_value[:]
+            img1, img2, flow = generate_pair(rng, self.scene)
+            y = int(rng.integers(0, self.scene[0] - h + 1))
+            x = int(rng.integers(0, self.scene[1] - w + 1))
+            crop = np.s_[y:y + h, x:x + w]
+            img1, img2, flow = augment(img1[crop], img2[crop], flow[crop], rng)
             yield _chw(img1[:, :, ::-1]) / 255, _chw(img2[:, :, ::-1]) / 255, _chw(flow)
 
 
@@ -178,7 +188,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
         step, best = ck["step"], ck["best"]
     heldout = heldout_set(config.heldout_pairs, config.heldout_size)
     size_value = mp.get_context("spawn").Array("i", config.size_at(step), lock=False)
-    loader = DataLoader(PairStream(config.seed * 1000 + step, size_value), batch_size=config.batch,
+    loader = DataLoader(PairStream(config.seed * 1000 + step, size_value, config.scene), batch_size=config.batch,
                         num_workers=config.workers, persistent_workers=config.workers > 0,
                         prefetch_factor=4 if config.workers else None,
                         # OpenCV's thread pool does not survive fork: start workers fresh

@@ -10,7 +10,7 @@ import torch
 
 from edgeflow.training import LOSS_WEIGHTS, TrainConfig, multiscale_loss, train
 
-TINY = dict(batch=2, curriculum=[[0, 64, 64]], workers=0, eval_every=2, heldout_pairs=2, heldout_size=(64, 64))
+TINY = dict(batch=2, curriculum=[[0, 64, 64]], scene=(64, 128), workers=0, eval_every=2, heldout_pairs=2, heldout_size=(64, 64))
 
 
 def test_loss_is_zero_at_the_pooled_target_and_sums_pixels():
@@ -60,3 +60,21 @@ def test_stack_trains_only_its_last_stage(tmp_path):
     init = create("flownet2-ss", weights=None).state_dict()
     second = [k for k in trained if k.startswith("flownets_1.")]
     assert second and any(not torch.equal(trained[k], init[k]) for k in second)
+
+
+def test_pairs_are_crops_of_scene_size_renders():
+    """Displacements scale with the render width, so a training crop is cut from a pair rendered
+    at the scene size: item == augment(crop of generate_pair(rng, scene)) with the stream's rng."""
+    import multiprocessing as mp
+
+    from edgeflow.synth import generate_pair
+    from edgeflow.training import PairStream, augment
+
+    scene = (128, 192)
+    item = next(iter(PairStream(3, mp.Array("i", (64, 96), lock=False), scene)))
+    rng = np.random.default_rng([3, 0])
+    img1, img2, flow = generate_pair(rng, scene)
+    y, x = int(rng.integers(0, 128 - 64 + 1)), int(rng.integers(0, 192 - 96 + 1))
+    want = augment(img1[y:y + 64, x:x + 96], img2[y:y + 64, x:x + 96], flow[y:y + 64, x:x + 96], rng)
+    assert torch.equal(item[2], torch.from_numpy(np.ascontiguousarray(want[2].transpose(2, 0, 1))))
+    assert torch.equal(item[0], torch.from_numpy(np.ascontiguousarray(want[0][:, :, ::-1].transpose(2, 0, 1))).float() / 255)

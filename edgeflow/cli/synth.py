@@ -9,19 +9,6 @@ def register(app: typer.Typer) -> None:
     app.command("synth")(synth_cmd)
 
 
-def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
-    """'384x512' -> (384, 512); anything else is an InputError naming `flag` and the form HxW."""
-    from edgeflow.errors import InputError
-
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        h = w = 0
-    if h <= 0 or w <= 0:
-        raise InputError(f"{flag} {text!r}: expected HxW with positive integers, e.g. 384x512")
-    return h, w
-
-
 def synth_cmd(
     out_dir: str = typer.Argument(..., help="Output directory (created if missing)."),
     count: int = typer.Option(..., "--count", help="Pairs to write, or frames with --video."),
@@ -33,6 +20,7 @@ def synth_cmd(
     """Write FlyingChairs-like pairs (NNNNN_img1.png, NNNNN_img2.png, NNNNN_flow.flo) or a clip."""
     import time
 
+    from edgeflow.cli.options import parse_size
     from edgeflow.errors import InputError
     from edgeflow.synth import write_chairs, write_video
 

@@ -34,6 +34,7 @@ def train_cmd(
     lr: float = typer.Option(4e-4, help="Adam learning rate before the decay steps."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam's L2 penalty."),
     curriculum: str = typer.Option("0:256x320,20000:320x448", help="STEP:HxW crop sizes."),
+    scene: str = typer.Option("384x512", help="HxW render size of a training pair; the crops are cut from it."),
     seed: int = typer.Option(0, help="Seed of the model initialisation and the data."),
     workers: int = typer.Option(1, help="Data generation processes."),
     eval_every: int = typer.Option(1000, help="Steps between held-out evaluations and checkpoints."),
@@ -42,12 +43,17 @@ def train_cmd(
     """Train MODEL on synthetic pairs generated on the fly (stacks: earlier stages frozen)."""
     import json
 
+    from edgeflow.cli.options import parse_size
+    from edgeflow.errors import InputError
     from edgeflow.models import spec
     from edgeflow.training import TrainConfig, train
 
     spec(model)
-    config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, curriculum=parse_curriculum(curriculum),
-                         seed=seed, workers=workers, eval_every=eval_every)
+    crops, render = parse_curriculum(curriculum), parse_size(scene, "--scene")
+    if any(h > render[0] or w > render[1] for _, h, w in crops):
+        raise InputError(f"--curriculum {curriculum!r}: every crop must fit in --scene {scene}")
+    config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, curriculum=crops,
+                         scene=render, seed=seed, workers=workers, eval_every=eval_every)
     last = train(config, out)
     typer.echo(json.dumps(last))
     if ship:
