@@ -57,11 +57,12 @@ class TrainConfig:
 
 
 def heldout_set(count: int, size: tuple[int, int], seed: int = 987654):
-    """The held-out synthetic pairs, fixed by `seed` (disjoint from training seeds)."""
+    """The held-out synthetic pairs: the same as `edgeflow synth DIR --count COUNT --size HxW
+    --seed SEED` writes (pair i from `default_rng([seed, i])`, i = 1..count). Training draws
+    from `[seed * 1000 + step, worker]` with seed * 1000 + step < 987654, so the sets are disjoint."""
     from edgeflow.synth import generate_pair
 
-    rng = np.random.default_rng(seed)
-    return [generate_pair(rng, size) for _ in range(count)]
+    return [generate_pair(np.random.default_rng([seed, i]), size) for i in range(1, count + 1)]
 
 
 def to_tensor_pair(img1: np.ndarray, img2: np.ndarray):

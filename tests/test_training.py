@@ -78,3 +78,16 @@ def test_pairs_are_crops_of_scene_size_renders():
     want = augment(img1[y:y + 64, x:x + 96], img2[y:y + 64, x:x + 96], flow[y:y + 64, x:x + 96], rng)
     assert torch.equal(item[2], torch.from_numpy(np.ascontiguousarray(want[2].transpose(2, 0, 1))))
     assert torch.equal(item[0], torch.from_numpy(np.ascontiguousarray(want[0][:, :, ::-1].transpose(2, 0, 1))).float() / 255)
+
+
+def test_heldout_set_is_what_synth_writes(tmp_path):
+    from edgeflow.datasets import open_dataset
+    from edgeflow.synth import write_chairs
+    from edgeflow.training import heldout_set
+
+    write_chairs(tmp_path, 2, size=(64, 96), seed=987654, progress=False)
+    (pairs,) = open_dataset(tmp_path).values()
+    assert len(pairs) == 2
+    for (img1, img2, flow), pair in zip(heldout_set(2, (64, 96)), pairs):
+        assert np.array_equal(img1, pair.img1) and np.array_equal(img2, pair.img2)
+        assert np.array_equal(flow, pair.flow)
