@@ -177,6 +177,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     train_from = len(stages) - 1
     if train_from and config.init_from:
         _init_frozen_stages(model, stages, config.init_from)
+    if train_from:
+        start_from_previous_stage(model)
     for i, name in enumerate(model.names):
         getattr(model, name).requires_grad_(i >= train_from)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -234,6 +236,28 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
             t0, pairs = time.time(), 0
     bar.close()
     return last
+
+
+def start_from_previous_stage(model) -> bool:
+    """Make the last stage of a stack a copy of the stage before it when that is a FlowNetS, so
+    the stack starts at the smaller model's flow and training only has to improve on it.
+
+    conv1 weights of the input channels the previous stage lacks (for a second stage: the warped
+    image, the flow and the brightness error) start at zero. Returns False, keeping the He
+    initialisation, when the previous stage is a FlowNetC.
+    """
+    from edgeflow.models.flownet import FlowNetS
+
+    prev, last = (getattr(model, name) for name in model.names[-2:])
+    if not isinstance(prev, FlowNetS):
+        return False
+    state = prev.state_dict()
+    w = state["conv1.0.weight"]
+    conv1 = torch.zeros_like(last.conv1[0].weight)
+    conv1[:, :w.shape[1]] = w
+    state["conv1.0.weight"] = conv1
+    last.load_state_dict(state)
+    return True
 
 
 def _init_frozen_stages(model, stages: str, init_from) -> None:

@@ -91,3 +91,18 @@ def test_heldout_set_is_what_synth_writes(tmp_path):
     for (img1, img2, flow), pair in zip(heldout_set(2, (64, 96)), pairs):
         assert np.array_equal(img1, pair.img1) and np.array_equal(img2, pair.img2)
         assert np.array_equal(flow, pair.flow)
+
+
+def test_a_stacked_stage_starts_as_a_copy_of_the_previous_one():
+    from edgeflow.models import create
+    from edgeflow.training import start_from_previous_stage
+
+    torch.manual_seed(2)
+    ss = create("flownet2-ss", weights=None)
+    assert start_from_previous_stage(ss)
+    s = create("flownet2-s", weights=None)
+    s.flownets.load_state_dict(ss.flownets.state_dict())
+    img1, img2 = torch.rand(2, 1, 3, 64, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(ss(img1, img2), s(img1, img2))
+    assert not start_from_previous_stage(create("flownet2-cs", weights=None))
