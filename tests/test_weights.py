@@ -1,0 +1,76 @@
+"""edgeflow weight files: round trip, and bad files refused whole with a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeflow.errors import InputError
+from edgeflow.models import create
+from edgeflow.models import weights as wio
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(5)
+    model = create("flownet2-s", weights=None)
+    path = tmp_path / "s.pt"
+    wio.save(model, "flownet2-s", path, meta={"step": 7})
+    return model, path
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_round_trip_in_fp16(saved):
+    model, path = saved
+    loaded = create("flownet2-s", weights=None)
+    assert wio.load_into(loaded, "flownet2-s", path) == {"step": 7}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value.half().float())
+
+
+def test_truncated_file_is_refused(saved, tmp_path):
+    _, path = saved
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"cut.pt: not a readable weight file"):
+        create("flownet2-s", weights=cut)
+
+
+def test_weights_of_another_model_are_refused(saved):
+    _, path = saved
+    with pytest.raises(InputError, match=r"s.pt: weights are for model 'flownet2-s', not 'flownet2-c'"):
+        create("flownet2-c", weights=path)
+
+
+def test_wrong_shape_names_the_first_bad_parameter_and_loads_nothing(saved, tmp_path):
+    _, path = saved
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"]["flownets.conv5.0.weight"] = blob["state_dict"]["flownets.conv5.0.weight"][:5]
+    blob["state_dict"]["flownets.conv4.0.weight"] = blob["state_dict"]["flownets.conv4.0.weight"][:5]
+    bad = tmp_path / "bad.pt"
+    torch.save(blob, bad)
+    torch.manual_seed(6)
+    model = create("flownet2-s", weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=r"bad.pt: parameter 'flownets.conv4.0.weight' has shape \(5, "):
+        wio.load_into(model, "flownet2-s", bad)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_shipped_weights_are_checked_against_their_sha256(saved, tmp_path, monkeypatch):
+    model, path = saved
+    monkeypatch.setattr(wio, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(wio, "INDEX", tmp_path / "weights" / "index.json")
+    dest = wio.ship_weights(path, "flownet2-s")
+    assert wio.shipped()["flownet2-s"]["sha256"] == wio.sha256_file(path)
+    assert _same(create("flownet2-s"), create("flownet2-s", weights=path))
+    data = bytearray(dest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dest.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"flownet2-s.pt: sha256 does not match weights/index.json"):
+        create("flownet2-s")
+    with pytest.raises(InputError, match=r"no trained weights ship for 'flownet2-ss' \(shipped: flownet2-s\)"):
+        create("flownet2-ss")
