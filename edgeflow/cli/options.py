@@ -6,11 +6,11 @@ from edgeflow.errors import InputError
 
 
 def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
-    """'448x1024' -> (448, 1024); InputError naming `flag` otherwise."""
+    """'384x512' -> (384, 512); InputError naming `flag` otherwise."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise InputError(f"{flag} {text!r}: expected HxW, e.g. 448x1024") from None
+        raise InputError(f"{flag} {text!r}: expected HxW, e.g. 384x512") from None
     if h <= 0 or w <= 0:
-        raise InputError(f"{flag} {text!r}: expected positive HxW, e.g. 448x1024")
+        raise InputError(f"{flag} {text!r}: expected positive HxW, e.g. 384x512")
     return h, w
