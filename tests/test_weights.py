@@ -74,3 +74,20 @@ def test_shipped_weights_are_checked_against_their_sha256(saved, tmp_path, monke
         create("flownet2-s")
     with pytest.raises(InputError, match=r"no trained weights ship for 'flownet2-ss' \(shipped: flownet2-s\)"):
         create("flownet2-ss")
+
+
+def test_the_default_model_ships_trained_fp16_weights():
+    """flownet2-s ships (MODEL_CARD.md): at most 12 MB of fp16, and trained: on 8 held-out pairs
+    its EPE is well below the zero-flow EPE, where an untrained net sits."""
+    import numpy as np
+
+    from edgeflow.training import evaluate_pairs, heldout_set
+
+    entry = wio.shipped()["flownet2-s"]
+    path = wio.WEIGHTS_DIR / entry["file"]
+    assert path.stat().st_size <= 12 * 2**20
+    state = wio.read(path)["state_dict"]
+    assert all(v.dtype == torch.float16 for v in state.values())
+    pairs = heldout_set(8, (384, 512))
+    zero = float(np.mean([np.linalg.norm(flow, axis=2).mean() for _, _, flow in pairs]))
+    assert evaluate_pairs(create("flownet2-s").eval(), pairs) < 0.7 * zero
