@@ -44,6 +44,14 @@ class TrainConfig:
     heldout_size: tuple = (384, 512)
     init_from: str | None = "default"  # weights of the frozen earlier stages of a stack
 
+    def __post_init__(self):
+        from edgeflow.errors import InputError
+
+        for start, h, w in self.curriculum:
+            if h > self.scene[0] or w > self.scene[1]:
+                raise InputError(f"training crop {h}x{w} (curriculum, from step {start}) does not fit in the "
+                                 f"{self.scene[0]}x{self.scene[1]} scene it is cut from (--scene)")
+
     def size_at(self, step: int) -> tuple[int, int]:
         size = self.curriculum[0][1:]
         for start, h, w in self.curriculum:

@@ -29,6 +29,13 @@ def test_schedule():
     assert c.size_at(49) == (64, 64) and c.size_at(50) == (128, 192)
 
 
+def test_crops_must_fit_in_the_scene():
+    from edgeflow.errors import InputError
+
+    with pytest.raises(InputError, match=r"training crop 320x448 \(curriculum, from step 50\) does not fit in the 256x512 scene"):
+        TrainConfig(curriculum=[[0, 128, 128], [50, 320, 448]], scene=(256, 512))
+
+
 def test_train_writes_checkpoint_and_resumes(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(model="flownet2-s", steps=2, **TINY), out, progress=False)

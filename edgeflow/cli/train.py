@@ -44,16 +44,13 @@ def train_cmd(
     import json
 
     from edgeflow.cli.options import parse_size
-    from edgeflow.errors import InputError
     from edgeflow.models import spec
     from edgeflow.training import TrainConfig, train
 
     spec(model)
-    crops, render = parse_curriculum(curriculum), parse_size(scene, "--scene")
-    if any(h > render[0] or w > render[1] for _, h, w in crops):
-        raise InputError(f"--curriculum {curriculum!r}: every crop must fit in --scene {scene}")
-    config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, curriculum=crops,
-                         scene=render, seed=seed, workers=workers, eval_every=eval_every)
+    config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay,
+                         curriculum=parse_curriculum(curriculum), scene=parse_size(scene, "--scene"), seed=seed,
+                         workers=workers, eval_every=eval_every)
     last = train(config, out)
     typer.echo(json.dumps(last))
     if ship:
