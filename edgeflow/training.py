@@ -4,8 +4,10 @@ Recipe (measured in MODEL_CARD.md): He initialisation, Adam at 4e-4 halved at 60
 steps, FlowNet's multi-scale EPE loss on flow6..flow2 with weights 0.32/0.08/0.02/0.01/0.005 and
 the target scaled by 1/20, a curriculum of crop sizes cut from pairs rendered at the held-out
 size (the synthetic displacements scale with the render width, so rendering at the crop size
-would never show the net the held-out set's largest motions), flips and photometric augmentation. For a
-stack, the earlier stages are loaded from the shipped weights of the smaller model and frozen.
+would never show the net the held-out set's largest motions), flips and photometric
+augmentation, and an exponential moving average of the weights (decay 0.999), which is what gets
+evaluated and shipped. For a stack, the earlier stages are loaded from the shipped weights of
+the smaller model and frozen.
 Checkpoints (`ckpt.pt`) are written atomically and resumed; `log.jsonl` holds the curve.
 """
 
@@ -43,6 +45,7 @@ class TrainConfig:
     heldout_pairs: int = 64
     heldout_size: tuple = (384, 512)
     init_from: str | None = "default"  # weights of the frozen earlier stages of a stack
+    ema: float = 0.999  # per-step decay of the weight average that is evaluated and shipped
 
     def __post_init__(self):
         from edgeflow.errors import InputError
@@ -62,6 +65,11 @@ class TrainConfig:
     def lr_at(self, step: int) -> float:
         """Adam learning rate: halved at 60 %, 80 % and 90 % of the steps."""
         return self.lr * 0.5 ** sum(step >= f * self.steps for f in (0.6, 0.8, 0.9))
+
+    def ema_at(self, step: int) -> float:
+        """Decay of the weight average after optimiser step `step` (0-based): ramps up from 0.1
+        so the first steps do not hold the average at the initialisation."""
+        return min(self.ema, (1 + step) / (10 + step))
 
 
 def heldout_set(count: int, size: tuple[int, int], seed: int = 987654):
@@ -164,10 +172,12 @@ def _atomic_save(obj, path: Path) -> None:
 def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Train `config.model`, resuming from `out_dir/ckpt.pt` if it exists; returns the last log row.
 
-    Writes out_dir/ckpt.pt (model, optimiser, step, config), out_dir/log.jsonl (one JSON row per
+    Writes out_dir/ckpt.pt (model, weight average, optimiser, step, config), out_dir/log.jsonl (one JSON row per
     evaluation: step, loss, lr, pairs_per_s, heldout_epe) and out_dir/best.pt (an edgeflow
-    weight file of the best held-out EPE so far).
+    weight file of the best held-out EPE so far). Evaluation, best.pt and the returned row are
+    of the weight average (`config.ema`), not of the weights the optimiser last left.
     """
+    import copy
     import multiprocessing as mp
 
     from torch.utils.data import DataLoader
@@ -192,11 +202,16 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     step, best = 0, math.inf
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else {}
+    if ck:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, best = ck["step"], ck["best"]
+    average = copy.deepcopy(model).eval().requires_grad_(False)
+    if "ema" in ck:  # a checkpoint from before the average starts it at its weights
+        average.load_state_dict(ck["ema"])
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    averaged = [dict(average.named_parameters())[n] for n in trained]
     heldout = heldout_set(config.heldout_pairs, config.heldout_size)
     size_value = mp.get_context("spawn").Array("i", config.size_at(step), lock=False)
     loader = DataLoader(PairStream(config.seed * 1000 + step, size_value, config.scene), batch_size=config.batch,
@@ -219,14 +234,13 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        torch._foreach_lerp_(averaged, params, 1 - config.ema_at(step))
         step += 1
         pairs += img1.shape[0]
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", size="x".join(map(str, size_value[:])))
         if step % config.eval_every == 0 or step == config.steps:
-            model.eval()
-            err = evaluate_pairs(model, heldout)
-            model.train()
+            err = evaluate_pairs(average, heldout)
             rate = pairs / (time.time() - t0)
             last = {"step": step, "loss": round(loss.item(), 4), "lr": config.lr_at(step - 1),
                     "size": list(size_value[:]), "pairs_per_s": round(rate, 2), "heldout_epe": round(err, 4),
@@ -236,11 +250,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
             bar.write(json.dumps(last))
             if err < best:
                 best = err
-                wio.save(model.eval(), config.model, out / "best.pt",
+                wio.save(average, config.model, out / "best.pt",
                          meta={"step": step, "heldout_epe": err, "config": asdict(config)})
-                model.train()
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                          "best": best, "config": asdict(config)}, ckpt_path)
+            _atomic_save({"model": model.state_dict(), "ema": average.state_dict(), "optimizer": opt.state_dict(),
+                          "step": step, "best": best, "config": asdict(config)}, ckpt_path)
             t0, pairs = time.time(), 0
     bar.close()
     return last

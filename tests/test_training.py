@@ -51,6 +51,31 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
     create("flownet2-s", weights=out / "best.pt")  # best.pt is a loadable weight file
 
 
+def test_weight_average_is_what_gets_evaluated_saved_and_resumed(tmp_path):
+    from edgeflow.models import create
+    from edgeflow.models.weights import read
+
+    out = tmp_path / "run"
+    config = dict(model="flownet2-s", ema=0.5, **{**TINY, "eval_every": 1})
+    torch.manual_seed(0)
+    init = create("flownet2-s", weights=None).state_dict()
+    train(TrainConfig(steps=1, **config), out, progress=False)
+    ck1 = torch.load(out / "ckpt.pt", weights_only=True)
+    assert TrainConfig(ema=0.5).ema_at(0) == pytest.approx(0.1)
+    for k, w in ck1["model"].items():  # after step 0: 0.1 x the initialisation + 0.9 x the weights
+        torch.testing.assert_close(ck1["ema"][k], 0.1 * init[k] + 0.9 * w)
+    best = read(out / "best.pt")
+    assert best["meta"]["step"] == 1
+    for k, w in best["state_dict"].items():
+        torch.testing.assert_close(w, ck1["ema"][k].half())
+    train(TrainConfig(steps=2, **config), out, progress=False)  # resumes the average too
+    ck2 = torch.load(out / "ckpt.pt", weights_only=True)
+    d = TrainConfig(ema=0.5).ema_at(1)
+    assert d == pytest.approx(2 / 11)
+    for k, w in ck2["model"].items():
+        torch.testing.assert_close(ck2["ema"][k], d * ck1["ema"][k] + (1 - d) * w)
+
+
 def test_stack_trains_only_its_last_stage(tmp_path):
     from edgeflow.models import create
     from edgeflow.models.weights import save
