@@ -76,18 +76,28 @@ def test_shipped_weights_are_checked_against_their_sha256(saved, tmp_path, monke
         create("flownet2-ss")
 
 
-def test_the_default_model_ships_trained_fp16_weights():
-    """flownet2-s ships (MODEL_CARD.md): at most 12 MB of fp16, and trained: on 8 held-out pairs
-    its EPE is well below the zero-flow EPE, where an untrained net sits."""
+@pytest.mark.parametrize("name", ["flownet2-s", "flownet2-ss"])
+def test_shipped_models_are_trained_fp16_weights(name):
+    """flownet2-s and -ss ship (MODEL_CARD.md): at most 12 MB of fp16 per FlowNetS stage, and
+    trained: on 8 held-out pairs the EPE is well below the zero-flow EPE, where an untrained net
+    sits."""
     import numpy as np
 
+    from edgeflow.models import spec
     from edgeflow.training import evaluate_pairs, heldout_set
 
-    entry = wio.shipped()["flownet2-s"]
+    entry = wio.shipped()[name]
     path = wio.WEIGHTS_DIR / entry["file"]
-    assert path.stat().st_size <= 12 * 2**20
+    assert path.stat().st_size <= 12 * 2**20 * len(spec(name).stages)
     state = wio.read(path)["state_dict"]
     assert all(v.dtype == torch.float16 for v in state.values())
     pairs = heldout_set(8, (384, 512))
     zero = float(np.mean([np.linalg.norm(flow, axis=2).mean() for _, _, flow in pairs]))
-    assert evaluate_pairs(create("flownet2-s").eval(), pairs) < 0.7 * zero
+    assert evaluate_pairs(create(name).eval(), pairs) < 0.7 * zero
+
+
+def test_the_shipped_stack_keeps_the_shipped_first_stage():
+    """flownet2-ss was trained on top of the shipped flownet2-s, frozen: its first stage is it."""
+    s, ss = create("flownet2-s"), create("flownet2-ss")
+    first = getattr(ss, ss.names[0])
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), getattr(s, s.names[0]).state_dict().values()))
