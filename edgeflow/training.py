@@ -172,9 +172,9 @@ def _atomic_save(obj, path: Path) -> None:
 def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Train `config.model`, resuming from `out_dir/ckpt.pt` if it exists; returns the last log row.
 
-    Writes out_dir/ckpt.pt (model, weight average, optimiser, step, config), out_dir/log.jsonl (one JSON row per
-    evaluation: step, loss, lr, pairs_per_s, heldout_epe) and out_dir/best.pt (an edgeflow
-    weight file of the best held-out EPE so far). Evaluation, best.pt and the returned row are
+    Writes out_dir/ckpt.pt (model, weight average, optimiser, step, config), out_dir/log.jsonl
+    (one JSON row per evaluation: step, loss, lr, pairs_per_s, heldout_epe) and out_dir/best.pt
+    (an edgeflow weight file of the best held-out EPE so far). Evaluation, best.pt and the returned row are
     of the weight average (`config.ema`), not of the weights the optimiser last left.
     """
     import copy
@@ -199,7 +199,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
         start_from_previous_stage(model)
     for i, name in enumerate(model.names):
         getattr(model, name).requires_grad_(i >= train_from)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(trained.values())
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     step, best = 0, math.inf
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else {}
@@ -210,7 +211,6 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     average = copy.deepcopy(model).eval().requires_grad_(False)
     if "ema" in ck:  # a checkpoint from before the average starts it at its weights
         average.load_state_dict(ck["ema"])
-    trained = [n for n, p in model.named_parameters() if p.requires_grad]
     averaged = [dict(average.named_parameters())[n] for n in trained]
     heldout = heldout_set(config.heldout_pairs, config.heldout_size)
     size_value = mp.get_context("spawn").Array("i", config.size_at(step), lock=False)
