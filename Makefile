@@ -2,19 +2,17 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
-# Device toolchains (NVRTC, ptxas, headers from PyPI), one per CUDA release of the boards:
-# JetPack 6 (Orin) runs CUDA 12.6, JetPack 5 (Xavier) CUDA 11.8.
-CUDA_12.6 := nvidia-cuda-nvrtc-cu12==12.6.85 nvidia-cuda-nvcc-cu12==12.6.85 \
-             nvidia-cuda-runtime-cu12==12.6.77 nvidia-cuda-cccl-cu12==12.6.77
-CUDA_11.8 := nvidia-cuda-nvrtc-cu11==11.8.89 nvidia-cuda-nvcc-cu11==11.8.89 \
-             nvidia-cuda-runtime-cu11==11.8.89 nvidia-cuda-cccl-cu11==11.8.89.post1
-CUDA_RELEASES := 12.6 11.8
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile targets/boards.json | sha1sum | cut -c1-12)
+# Device toolchains (NVRTC, ptxas, headers from PyPI), one per CUDA release of the boards: the
+# releases and their pins are the boards table's `_cuda_releases` (targets/boards.json).
+BOARDS := targets/boards.json
+CUDA_PINS = $(shell $(PYTHON) -c 'import json,sys; print(" ".join(json.load(open("$(BOARDS)"))["_cuda_releases"][sys.argv[1]]))' $(1))
+CUDA_RELEASES := $(shell $(PYTHON) -c 'import json; print(" ".join(k for k in json.load(open("$(BOARDS)"))["_cuda_releases"] if k[0] != "_"))')
 PYTEST_ARGS ?=
 
 .PHONY: install test demo bench clean cross-compiler $(addprefix cuda-,$(CUDA_RELEASES))
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(BOARDS)
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk, so nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -25,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 # One pip call per release: `pip --target` replaces the whole nvidia/ folder on each call.
 $(addprefix cuda-,$(CUDA_RELEASES)): cuda-%:
-	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/$* $(CUDA_$*)
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/$* $(call CUDA_PINS,$*)
 
 # The aarch64 cross toolchain for the host part of Jetson packages (Debian's package).
 cross-compiler:

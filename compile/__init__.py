@@ -1,54 +1,80 @@
 """edgeflow.compile: FlowNet2 model -> TVM package for a Jetson board or a CPU.
 
     compile(model, *, target, input_size, precision="fp32", prune=0.0, calibration=None,
-            out=path) -> path
+            out=path, sign=None) -> CompileResult (path, manifest)
 
 The stages (each its own module): frontend (torch.export -> Relax), lower (per-target
-pipelines, device code), package (the .tar writer). Importing this package imports neither
-torch nor TVM.
+pipelines, device code); the package is written by `edgeflow.runtime.format`, which owns the
+format. Importing this package imports neither torch nor TVM.
 """
 
 from __future__ import annotations
 
-import platform
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeflow.errors import InputError
+from edgeflow.errors import AccuracyError, InputError
 
 PRECISIONS = ("fp32", "fp16")
-# Largest EPE (pixels) between compiled and torch model accepted without --force.
+# Largest EPE (pixels) between compiled and torch model accepted without force=True.
 TOLERANCE = {"fp32": 0.01, "fp16": 0.25}
 ACCURACY_PAIRS = 2
+ACCURACY_SEED = 20261124  # the generated pairs the accuracy is measured on
 
 
-class AccuracyError(InputError):
-    """The compiled model's flow differs from the torch model's by more than the tolerance."""
+@dataclass(frozen=True)
+class CompileResult:
+    """What `compile` wrote: the package's path, its manifest (as written, with file hashes) and
+    the key id of its signature (None when unsigned)."""
+
+    path: Path
+    manifest: dict
+    signer: str | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def summary(self) -> str:
+        """One line: path, model, target, precision, accuracy and signer."""
+        m = self.manifest
+        signed = f", signed by key {self.signer}" if self.signer else ", unsigned"
+        return (f"{self.path}: {m['model']['name']} for {m['target']['name']}, {m['precision']}, "
+                f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{signed}")
 
 
 def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024), precision: str = "fp32",
             prune: float = 0.0, calibration=None, out=None, weights="default", force: bool = False,
-            progress: Callable[[str], None] | None = None) -> Path:
+            sign: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> CompileResult:
     """Compile `model` (registry name or torch module) for `target` into the package `out`.
 
     input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". The package records the
     EPE of the compiled model against the torch model on generated pairs; above
-    TOLERANCE[precision] nothing is written unless `force`. Returns the package path.
+    TOLERANCE[precision] (or when it is not a number) AccuracyError and nothing is written,
+    unless `force`. sign: the path of an Ed25519 private key (`edgeflow keygen`) that signs the
+    package. Returns a CompileResult.
     """
     import time
 
     from edgeflow import targets
     from edgeflow.compile import frontend, lower
-    from edgeflow.compile.package import params_npz, write_package
+    from edgeflow.runtime.format import build_manifest, params_npz, write_package
 
     say = progress or (lambda msg: None)
     board = targets.get(target)
     if precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise InputError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     if prune:
-        raise InputError("--prune: structured pruning is not available in this version (use 0)")
+        raise InputError("prune=: structured pruning is not available in this version (use 0)")
     if calibration is not None:
-        raise InputError("--calib: calibration is used by int8 quantization, not available in this version")
+        raise InputError("calibration=: calibration is used by int8 quantization, not available in this version")
+    signing_key = signer = None
+    if sign is not None:
+        from edgeflow.runtime import signing
+
+        signing_key = signing.load_private_key(sign)  # a bad key fails before minutes of compiling
+        signer = signing.key_id(signing_key.public_key())
     torch_model, model_info = _resolve_model(model, weights)
     h, w = input_size
     name = model_info["name"]
@@ -64,9 +90,9 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     say("verify   EPE against the torch model on generated pairs")
     epe = _measure_epe(torch_model, mod, params, board, ex, (h, w))
     tolerance = TOLERANCE[precision]
-    if epe > tolerance and not force:
+    if not epe <= tolerance and not force:  # NaN fails too
         raise AccuracyError(f"compiled {name} differs from the torch model by EPE {epe:.4f} px "
-                            f"(tolerance {tolerance} px for {precision}); nothing written (--force to write anyway)")
+                            f"(tolerance {tolerance} px for {precision}); nothing written (force=True writes it anyway)")
     say(f"package  {out}")
     files = {"params.npz": params_npz(param_names, params)}
     with _tempdir() as d:
@@ -76,26 +102,16 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     if device_code is not None:
         files["lib/kernels.cubin"] = device_code.cubin
         files["lib/kernels.json"] = device_code.metadata_json().encode()
-    manifest = {
-        "model": model_info,
-        "input": {"height": h, "width": w, "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 1]},
-        "output": {"dtype": "float32", "units": "pixels"},
-        "precision": precision,
-        "pruning": {"ratio": 0.0},
-        "quantization": None,
-        "target": {"name": board.name, "kind": board.kind, "tvm_target": board.tvm_target_json(),
-                   "cuda_arch": board.cuda_arch, "cuda_version": board.cuda_version,
-                   "host_triple": board.host_triple, "machine": platform.machine()},
-        "versions": _versions(),
-        "params": {"order": param_names},
-        "accuracy": {"epe_vs_torch": round(epe, 6), "frames": ACCURACY_PAIRS, "tolerance": tolerance,
-                     "measured_on": "generated pairs",
-                     "measured_with": "this build" if not board.is_cuda else
-                     "an LLVM build of the same Relax module and precision (no GPU at compile time)"},
-        "kernels": device_code.kernels if device_code else [],
-        "compile_seconds": round(time.time() - t0, 1),
-    }
-    return write_package(out, manifest, files)
+    accuracy = {"epe_vs_torch": round(epe, 6) if epe == epe else None, "frames": ACCURACY_PAIRS,
+                "tolerance": tolerance, "measured_on": "generated pairs",
+                "measured_with": "this build" if not board.is_cuda else
+                "an LLVM build of the same Relax module and precision (no GPU at compile time)"}
+    manifest = build_manifest(model=model_info, input_size=(h, w), precision=precision, board=board,
+                              versions=_versions(), param_names=param_names, accuracy=accuracy,
+                              kernels=device_code.kernels if device_code else [],
+                              compile_seconds=time.time() - t0)
+    manifest = write_package(out, manifest, files, signing_key=signing_key)
+    return CompileResult(out, manifest, signer)
 
 
 def _resolve_model(model, weights):
@@ -134,23 +150,24 @@ def _measure_epe(torch_model, mod, params, board, ex, size) -> float:
 
     from edgeflow import targets
     from edgeflow.compile import lower
+    from edgeflow.metrics import epe_chw
+    from edgeflow.runtime.preprocess import to_input
     from edgeflow.synth import generate_pair
 
     if board.is_cuda or board.cross_compiled:  # cannot run here: run the same module built for this CPU
         ex, _ = lower.build(mod, targets.get("host"))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     params = [tvm.runtime.tensor(p) for p in params]
-    rng = np.random.default_rng(20261124)
+    rng = np.random.default_rng(ACCURACY_SEED)
     errs = []
     for _ in range(ACCURACY_PAIRS):
         img1, img2, _flow = generate_pair(rng, size)
-        a = np.ascontiguousarray(img1[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255
-        b = np.ascontiguousarray(img2[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255
+        a, b = to_input(img1), to_input(img2)
         got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), *params)
         got = (got[0] if not hasattr(got, "numpy") else got).numpy()
         with torch.no_grad():
             want = torch_model(torch.from_numpy(a), torch.from_numpy(b)).numpy()
-        errs.append(float(np.sqrt(((got - want) ** 2).sum(1)).mean()))
+        errs.append(epe_chw(got, want))
     return float(np.mean(errs))
 
 

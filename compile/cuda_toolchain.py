@@ -18,10 +18,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeflow.errors import MissingDependency
+from edgeflow.errors import InternalError, MissingDependency
+from edgeflow.targets import cuda_releases
 
 TOOLCHAIN_ROOT = Path(os.environ.get("EDGEFLOW_CUDA_ROOT", Path(sys.prefix) / "cuda"))
-PYPI_RELEASES = ("12.6", "11.8")  # the Makefile's `cuda-<release>` targets install these
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,11 @@ def toolchain(cuda_version: str) -> Toolchain:
                    base / "cuda_cccl" / "include", base / "cuda_nvcc" / "include")
     missing = [p for p in (tc.nvrtc, tc.ptxas, tc.include, tc.cccl_include, tc.crt_include) if not p.exists()]
     if missing:
+        releases = cuda_releases()
         fix = (f"install it with `make cuda-{cuda_version}` (NVRTC, ptxas and headers from PyPI)"
-               if cuda_version in PYPI_RELEASES else
+               if cuda_version in releases else
                f"PyPI has no CUDA {cuda_version} toolchain: copy NVRTC, ptxas and the headers of a "
-               f"CUDA {cuda_version} install into {base} in the same layout as {TOOLCHAIN_ROOT / PYPI_RELEASES[0]}")
+               f"CUDA {cuda_version} install into {base} in the same layout as {TOOLCHAIN_ROOT / next(iter(releases))}")
         raise MissingDependency(f"CUDA {cuda_version} device toolchain not found ({missing[0]}); {fix}")
     return tc
 
@@ -63,7 +64,8 @@ def _check(lib, status: int, prog=None) -> None:
             buf = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, buf)
             log = buf.value.decode(errors="replace")
-        raise RuntimeError(f"NVRTC: {msg}\n{log}")
+        first = next((line for line in log.splitlines() if "error" in line), log.strip()[:300])
+        raise InternalError(f"NVRTC could not compile the generated CUDA code: {msg}: {first}")
 
 
 def cuda_to_ptx(source: str, arch: str, tc: Toolchain) -> str:
@@ -130,7 +132,8 @@ def ptx_to_cubin(ptx: str, arch: str, tc: Toolchain) -> tuple[bytes, list[Kernel
         res = subprocess.run([str(tc.ptxas), f"-arch={arch}", "-v", "-O3", str(src), "-o", str(dst)],
                              capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"ptxas failed for {arch}:\n{res.stderr[-4000:]}")
+            first = next((line for line in res.stderr.splitlines() if "error" in line.lower()), res.stderr[-300:])
+            raise InternalError(f"ptxas failed for {arch}: {' '.join(first.split())}")
         return dst.read_bytes(), parse_ptxas(res.stderr + res.stdout)
 
 

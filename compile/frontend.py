@@ -33,7 +33,7 @@ def to_relax(model, input_size: tuple[int, int]) -> RelaxModel:
 
     h, w = input_size
     if h % 64 or w % 64 or h <= 0 or w <= 0:
-        raise InputError(f"--size {h}x{w}: height and width must be positive multiples of 64, e.g. 448x1024")
+        raise InputError(f"input_size={h}x{w}: height and width must be positive multiples of 64, e.g. 448x1024")
     example = (torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w))
     with torch.no_grad():
         ep = torch.export.export(model.eval(), example)

@@ -10,6 +10,8 @@ machine's) CPU.
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -30,7 +32,9 @@ class DeviceCode:
         return json.dumps({"tvm_version": tvm.__version__, "func_info": self.func_info})
 
 
-_collector: list[DeviceCode] = []
+# TVM's function registry is global to the process: one CUDA build at a time wraps its hook.
+_CUDA_HOOK_LOCK = threading.Lock()
+CUDA_BUILD = "target.build.cuda"
 
 
 def _param_type(p) -> str:
@@ -40,31 +44,35 @@ def _param_type(p) -> str:
         return "handle"
 
 
-def _install_cuda_hook() -> None:
-    """Wrap TVM's `target.build.cuda` so every CUDA build also yields our cubin."""
+@contextmanager
+def capture_cuda(code: DeviceCode):
+    """Within the block, TVM's `target.build.cuda` also records into `code` the CUDA C, the
+    function info and the kernel statistics of what it builds. The wrapper is installed on entry
+    and TVM's own function restored on exit (errors included); concurrent blocks in other threads
+    wait for each other, so each build fills only its own `code`."""
     import tvm
     import tvm_ffi
 
     from edgeflow.compile import kernel_stats
 
-    if getattr(_install_cuda_hook, "done", False):
-        return
-    original = tvm.get_global_func("target.build.cuda")
+    with _CUDA_HOOK_LOCK:
+        original = tvm.get_global_func(CUDA_BUILD)
 
-    @tvm_ffi.register_global_func("target.build.cuda", override=True)
-    def build_cuda(mod, target):
-        module = original(mod, target)
-        if _collector:
-            code = _collector[-1]
+        def build_cuda(mod, target):
+            module = original(mod, target)
             code.source = module.inspect_source()
             code.stats = kernel_stats.collect(mod)
             for gv, func in mod.functions.items():
                 code.func_info[str(func.attrs["global_symbol"])] = {
                     "name": "", "arg_types": [_param_type(p) for p in func.params],
                     "launch_param_tags": [str(t) for t in func.attrs.get("tirx.kernel_launch_params", [])]}
-        return module
+            return module
 
-    _install_cuda_hook.done = True
+        tvm_ffi.register_global_func(CUDA_BUILD, build_cuda, override=True)
+        try:
+            yield code
+        finally:
+            tvm_ffi.register_global_func(CUDA_BUILD, original, override=True)
 
 
 def _drop_device_imports(module) -> None:
@@ -154,13 +162,8 @@ def build(mod, board):
     from edgeflow.compile import kernel_stats
     from edgeflow.compile.cuda_toolchain import compile_cuda
 
-    _install_cuda_hook()
-    code = DeviceCode()
-    _collector.append(code)
-    try:
+    with capture_cuda(DeviceCode()) as code:
         ex = tvm.compile(mod, target=target)
-    finally:
-        _collector.pop()
     code.cubin, resources = compile_cuda(code.source, board.cuda_arch, board.cuda_version)
     code.kernels = kernel_stats.merge(resources, code.stats, mod)
     return ex, code

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from edgeflow.errors import EdgeflowError, InputError, MissingDependency, PackageError
+from edgeflow.metrics import epe_chw
 
 PEERS = ("onnxruntime", "torch")
 ONNX_TOLERANCE = 1e-3  # px, mean EPE of the ONNX Runtime flow against the torch flow
@@ -43,13 +44,14 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
     """
     import numpy as np
 
-    from edgeflow.runtime.package import check_runnable, read_package
+    from edgeflow.runtime.format import check_runnable, read_package
     from edgeflow.synth import generate_pair
 
     vs = _check_args(vs, runs, warmup, threads)
     threads = threads or _cpus()
     say = progress or (lambda msg: None)
-    manifest, directory = read_package(package, check_target=False)
+    pkg = read_package(package, check_target=False)
+    manifest, directory = pkg.manifest, pkg.directory
     target = manifest["target"]
     try:
         check_runnable(manifest)
@@ -91,7 +93,7 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
 
         say("check    the first call of each against torch")
         outputs = {name: np.asarray(call(), np.float32) for name, call in calls.items()}
-        epe = {name: _epe(out, outputs["torch"]) for name, out in outputs.items() if name != "torch"}
+        epe = {name: epe_chw(out, outputs["torch"]) for name, out in outputs.items() if name != "torch"}
         _check_same_network(manifest, epe)
 
         order = ["edgeflow", *vs]
@@ -183,18 +185,18 @@ def parse_vs(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     unknown = [n for n in names if n not in PEERS]
     if unknown:
-        raise InputError(f"--vs {unknown[0]!r}: unknown peer; choices: {', '.join(PEERS)}")
+        raise InputError(f"vs={unknown[0]!r}: unknown peer; choices: {', '.join(PEERS)}")
     return names
 
 
 def _check_args(vs, runs: int, warmup: int, threads: int | None) -> tuple[str, ...]:
     vs = parse_vs(vs) if isinstance(vs, str) else parse_vs(",".join(vs))
     if runs < 1:
-        raise InputError(f"--runs {runs}: expected at least 1")
+        raise InputError(f"runs={runs}: expected at least 1")
     if warmup < 0:
-        raise InputError(f"--warmup {warmup}: expected 0 or more")
+        raise InputError(f"warmup={warmup}: expected 0 or more")
     if threads is not None and threads < 1:
-        raise InputError(f"--threads {threads}: expected at least 1")
+        raise InputError(f"threads={threads}: expected at least 1")
     return vs
 
 
@@ -262,12 +264,6 @@ def _weights_match(name: str, weights: str, sha: str | None) -> bool:
         return sha is not None and sha256_file(resolve(name, weights)) == sha
     except (EdgeflowError, OSError):
         return False
-
-
-def _epe(a, b) -> float:
-    import numpy as np
-
-    return float(np.sqrt(((a - b) ** 2).sum(0)).mean())
 
 
 def _median_ms(seconds: list[float]) -> float:

@@ -37,7 +37,7 @@ def main(out_dir: str = "out") -> dict:
     for target in ("jetson", "host"):
         t0 = time.time()
         packages[target] = compile("flownet2-s", target=target, input_size=SIZE, weights=weights,
-                                   out=out / f"flownet2-s-{target}.tar")
+                                   out=out / f"flownet2-s-{target}.tar").path
         print(f"compiled {packages[target]} in {time.time() - t0:.1f}s")
     engine = load(packages["host"])
     dis = baseline("dis-medium")

@@ -19,10 +19,11 @@ from edgeflow.errors import EdgeflowError, InputError, choices_error
 
 
 def evaluate(method, data_dir: str | os.PathLike, *, weights="default", size: tuple[int, int] | None = None,
-             progress: bool = True) -> dict:
+             trusted_keys=None, progress: bool = True) -> dict:
     """EPE of `method` on every set `edgeflow.datasets.open_dataset(data_dir)` finds.
 
-    weights, size: for a registry model, as in `edgeflow.models.create` and `model_flow`. Returns
+    weights, size: for a registry model, as in `edgeflow.models.create` and `model_flow`;
+    trusted_keys: for a package, as in `edgeflow.runtime.load`. Returns
     `{"method": str, "epe": mean EPE (px) over all pairs of all sets,
       "sets": {name: {"epe": mean EPE (px) over its pairs, "pairs": n, "ms_per_pair": mean time of
       the method call}}}`, with `"fl_all"` (0..1, mean over pairs) added to the `kitti` set.
@@ -34,7 +35,7 @@ def evaluate(method, data_dir: str | os.PathLike, *, weights="default", size: tu
     from edgeflow.metrics import epe, fl_all
 
     sets = open_dataset(data_dir)
-    name, fn = resolve_method(method, weights=weights, size=size)
+    name, fn = resolve_method(method, weights=weights, size=size, trusted_keys=trusted_keys)
     all_epe: list[float] = []
     report: dict[str, dict] = {}
     bar = tqdm(total=sum(map(len, sets.values())), unit="pair", file=sys.stderr,
@@ -63,7 +64,8 @@ def evaluate(method, data_dir: str | os.PathLike, *, weights="default", size: tu
     return {"method": name, "epe": float(np.mean(all_epe)), "sets": report}
 
 
-def resolve_method(method, *, weights="default", size: tuple[int, int] | None = None) -> tuple[str, FlowFn]:
+def resolve_method(method, *, weights="default", size: tuple[int, int] | None = None,
+                   trusted_keys=None) -> tuple[str, FlowFn]:
     """(display name, flow function) for a baseline name, model name, package path or callable."""
     from edgeflow.models import create, names
 
@@ -79,7 +81,7 @@ def resolve_method(method, *, weights="default", size: tuple[int, int] | None = 
             raise InputError(f"package {method!r} does not exist")
         from edgeflow.runtime import load
 
-        return method, load(method)
+        return method, load(method, trusted_keys=trusted_keys)
     raise choices_error("method", method, [*BASELINES, *names(), "PACKAGE.tar"])
 
 
@@ -89,24 +91,17 @@ def model_flow(model, size: tuple[int, int] | None = None) -> FlowFn:
     Images (uint8 BGR HxWx3 or gray HxW) are resized to `size` (H, W; multiples of 64), by default
     to the next multiples of 64 of their own size, converted to RGB in [0, 1], run under
     torch.no_grad, and the flow is resized back with its u and v scaled by the width and height
-    ratios: the same pre- and post-processing as the runtime Engine (`runtime.engine.resize`).
+    ratios: the same pre- and post-processing as the runtime Engine (`runtime.preprocess`).
     """
-    import cv2
     import torch
 
-    from edgeflow.runtime.engine import resize
-
-    def to_tensor(img: np.ndarray, net_h: int, net_w: int) -> torch.Tensor:
-        img = resize(img, net_h, net_w)
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
-        return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
+    from edgeflow.runtime.preprocess import flow_to_size, to_input
 
     def flow_fn(img1: np.ndarray, img2: np.ndarray) -> np.ndarray:
         h, w = img1.shape[:2]
-        net_h, net_w = size or (-(-h // 64) * 64, -(-w // 64) * 64)
+        net = size or (-(-h // 64) * 64, -(-w // 64) * 64)
         with torch.no_grad():
-            out = model(to_tensor(img1, net_h, net_w), to_tensor(img2, net_h, net_w))
-        flow = resize(np.ascontiguousarray(out[0].permute(1, 2, 0).numpy()), h, w)
-        return (flow * np.array([w / net_w, h / net_h], np.float32)).astype(np.float32)
+            out = model(torch.from_numpy(to_input(img1, net)), torch.from_numpy(to_input(img2, net)))
+        return flow_to_size(out[0].numpy(), (h, w))
 
     return flow_fn

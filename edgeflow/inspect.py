@@ -12,7 +12,8 @@ board here; launch overheads and caches are not modelled). Kernels of our hand-w
 operators (correlation, warp) carry the operator's name. CPU packages: target, precision,
 accuracy and file sizes.
 
-Reads the package with `edgeflow.runtime.package` (hashes verified, target not checked) and
+Reads the package with `edgeflow.runtime.format` (digests and signature verified, target not
+checked; with `trusted_keys`, only a package signed by one of them) and
 the boards table: standard library only, no TVM, no torch.
 """
 
@@ -24,15 +25,18 @@ from pathlib import Path
 PREDICTION = "prediction (no board measured)"
 
 
-def inspect_package(path: str | os.PathLike) -> dict:
-    """The report of the package at `path` (PackageError if it is damaged or of an unknown
-    format). Keys: package, model, input, precision, target, accuracy, files (bytes per file),
-    and for CUDA packages board, kernels (per kernel, slowest first) and summary."""
-    from edgeflow.runtime.package import read_package
+def inspect_package(path: str | os.PathLike, *, trusted_keys=None) -> dict:
+    """The report of the package at `path` (PackageError if it is damaged, forged, untrusted or
+    of an unknown format). Keys: package, manifest_sha256, signer (key id or None), model, input,
+    precision, target, accuracy, files (bytes per file), and for CUDA packages board, kernels (per
+    kernel, slowest first) and summary."""
+    from edgeflow.runtime.format import read_package
 
-    manifest, directory = read_package(path, check_target=False)
+    pkg = read_package(path, check_target=False, trusted_keys=trusted_keys)
+    manifest, directory = pkg.manifest, pkg.directory
     h, w = manifest["input"]["height"], manifest["input"]["width"]
-    report = {"package": str(path), "model": manifest["model"], "input": [h, w],
+    report = {"package": str(path), "manifest_sha256": pkg.manifest_sha256, "signer": pkg.signer,
+              "model": manifest["model"], "input": [h, w],
               "precision": manifest["precision"], "target": manifest["target"],
               "accuracy": manifest.get("accuracy"), "compile_seconds": manifest.get("compile_seconds"),
               "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])}}
@@ -92,7 +96,9 @@ def format_report(report: dict) -> str:
     lines = [report["package"],
              f"  model      {m.get('name')}" + (f" (width {m['width']})" if m.get("width") else "")
              + f", input {report['input'][0]}x{report['input'][1]}, {report['precision']}",
-             f"  target     {t.get('name')} ({_target_text(t)})"]
+             f"  target     {t.get('name')} ({_target_text(t)})",
+             f"  integrity  manifest sha256 {report['manifest_sha256']}, "
+             + (f"signed by key {report['signer']}" if report["signer"] else "unsigned")]
     acc = report.get("accuracy")
     if acc:
         lines.append(f"  accuracy   EPE {acc['epe_vs_torch']} px vs the torch model "

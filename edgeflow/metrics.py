@@ -24,6 +24,12 @@ def epe(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> fl
     return float(epe_map(pred, gt)[mask].astype(np.float64).mean())
 
 
+def epe_chw(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Mean end-point error (pixels) between two flows in network layout, [2,H,W] or [1,2,H,W]."""
+    pred, ref = (np.moveaxis(np.asarray(a, np.float32).reshape(2, *np.shape(a)[-2:]), 0, -1) for a in (pred, ref))
+    return epe(pred, ref)
+
+
 def fl_all(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> float:
     """KITTI Fl-all: share (0..1) of valid pixels with error > 3 px and > 5% of the true magnitude."""
     mask = _mask(pred, gt, valid)

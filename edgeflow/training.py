@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeflow.models.flownet import DIV_FLOW
+
 LOSS_WEIGHTS = (0.005, 0.01, 0.02, 0.08, 0.32)  # flow2 .. flow6
-DIV_FLOW = 20.0
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainConfig:
         for start, h, w in self.curriculum:
             if h > self.scene[0] or w > self.scene[1]:
                 raise InputError(f"training crop {h}x{w} (curriculum, from step {start}) does not fit in the "
-                                 f"{self.scene[0]}x{self.scene[1]} scene it is cut from (--scene)")
+                                 f"{self.scene[0]}x{self.scene[1]} scene it is cut from (scene=)")
 
     def size_at(self, step: int) -> tuple[int, int]:
         size = self.curriculum[0][1:]
@@ -82,8 +83,10 @@ def heldout_set(count: int, size: tuple[int, int], seed: int = 987654):
 
 
 def to_tensor_pair(img1: np.ndarray, img2: np.ndarray):
-    """BGR uint8 HxWx3 x2 -> float RGB [1,3,H,W] x2 in [0,1]."""
-    return _chw(img1[:, :, ::-1])[None] / 255, _chw(img2[:, :, ::-1])[None] / 255
+    """BGR uint8 HxWx3 x2 -> float RGB [1,3,H,W] x2 in [0,1] (`runtime.preprocess.to_input`)."""
+    from edgeflow.runtime.preprocess import to_input
+
+    return torch.from_numpy(to_input(img1)), torch.from_numpy(to_input(img2))
 
 
 def augment(img1, img2, flow, rng: np.random.Generator):
@@ -128,7 +131,8 @@ class PairStream(torch.utils.data.IterableDataset):
             x = int(rng.integers(0, self.scene[1] - w + 1))
             crop = np.s_[y:y + h, x:x + w]
             img1, img2, flow = augment(img1[crop], img2[crop], flow[crop], rng)
-            yield _chw(img1[:, :, ::-1]) / 255, _chw(img2[:, :, ::-1]) / 255, _chw(flow)
+            a, b = to_tensor_pair(np.ascontiguousarray(img1), np.ascontiguousarray(img2))
+            yield a[0], b[0], _chw(flow)
 
 
 def multiscale_loss(pyramid, flow):

@@ -2,33 +2,34 @@
 
 `engine(img1, img2)` takes uint8 HxWx3 BGR (or HxW gray) images of any size, both the same size,
 and returns float32 HxWx2 forward flow in pixels at that size. Inside it runs three steps, timed
-apart by the streaming pipeline: `prepare` (BGR/gray -> RGB, resize to the compiled size, /255,
-NCHW), `run_tensor` (the network, on the package's device) and `finish` (resize the flow back
-and scale its vectors by the resize ratios). Imports numpy, OpenCV and the TVM runtime only.
+apart by the streaming pipeline: `prepare` (`preprocess.to_input` at the compiled size),
+`run_tensor` (the network, on the package's device) and `finish` (`preprocess.flow_to_size`).
+Imports numpy, OpenCV and the TVM runtime only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from edgeflow.errors import InputError, PackageError
+from edgeflow.errors import InputError, PackageError, one_line
+from edgeflow.runtime.preprocess import check_image, flow_to_size, to_input
 
 _SAVED = "edgeflow_main"  # the VM closure of "main" bound to the input buffers and parameters
 
 
 class Engine:
-    """A loaded package. Build it with `edgeflow.runtime.load(path, device=None)`."""
+    """A loaded package. Build it with `edgeflow.runtime.load(path, device=None)`, which verifies
+    the package first; `signer` is the key id of its signature (None when unsigned)."""
 
-    def __init__(self, manifest: dict, directory: str | Path, device: str | None = None):
+    def __init__(self, manifest: dict, directory: str | Path, device: str | None = None, signer: str | None = None):
         import tvm.runtime
         from tvm.runtime.vm import VirtualMachine
 
-        from edgeflow.runtime.package import device_index
+        from edgeflow.runtime.format import device_index
 
-        self.manifest = manifest
+        self.manifest, self.signer = manifest, signer
         self.directory = Path(directory)
         kind = manifest["target"]["kind"]
         self.device = str(device or kind)
@@ -37,10 +38,14 @@ class Engine:
         self.input_dtype = np.dtype(inp.get("dtype", "float32"))
         self._dev = tvm.runtime.cuda(device_index(device)) if kind == "cuda" else tvm.runtime.cpu(0)
 
-        lib = tvm.runtime.load_module(str(self.directory / "lib" / "model.so"))
-        if kind == "cuda":
-            lib.import_module(_cuda_module(self.directory / "lib"))
-        self._vm = VirtualMachine(lib, self._dev)
+        try:
+            lib = tvm.runtime.load_module(str(self.directory / "lib" / "model.so"))
+            if kind == "cuda":
+                lib.import_module(_cuda_module(self.directory / "lib"))
+            self._vm = VirtualMachine(lib, self._dev)
+        except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a bad library
+            raise PackageError(f"{manifest['model'].get('name')} package: the TVM runtime cannot load its library "
+                               f"({_first_line(e)})") from None
         self._params = [tvm.runtime.tensor(a, self._dev) for a in _load_params(self.directory / "params.npz",
                                                                                 manifest["params"]["order"])]
         shape = (1, 3, self.height, self.width)
@@ -64,12 +69,7 @@ class Engine:
 
     def prepare(self, img: np.ndarray) -> np.ndarray:
         """uint8 BGR/gray HxW[x3] -> new array [1,3,H_net,W_net] RGB in [0,1] of the input dtype."""
-        img = check_image(img)
-        img = resize(img, self.height, self.width)
-        rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
-        x = np.empty((1, 3, self.height, self.width), self.input_dtype)
-        np.multiply(rgb.transpose(2, 0, 1), np.float32(1 / 255), out=x[0], casting="unsafe")
-        return x
+        return to_input(img, (self.height, self.width), self.input_dtype)
 
     def run_tensor(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
         """The network on prepared [1,3,H_net,W_net] inputs: flow float32 [2,H_net,W_net] (pixels)."""
@@ -88,14 +88,7 @@ class Engine:
 
     def finish(self, flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Flow [2,H_net,W_net] -> float32 HxWx2 at `size` (H, W), vectors scaled by the resize ratios."""
-        h, w = int(size[0]), int(size[1])
-        flow = np.ascontiguousarray(flow.transpose(1, 2, 0), np.float32)
-        if (h, w) == (self.height, self.width):
-            return flow
-        flow = resize(flow, h, w)
-        flow[..., 0] *= w / self.width
-        flow[..., 1] *= h / self.height
-        return flow
+        return flow_to_size(flow, size)
 
     def stream(self, source, **kw):
         """Iterator of `edgeflow.runtime.pipeline.Result` over a source URI (or Source); see `pipeline.stream`."""
@@ -104,30 +97,16 @@ class Engine:
         return stream(self, source, **kw)
 
 
-def check_image(img, name: str = "image") -> np.ndarray:
-    """`img` as uint8 HxW (gray) or HxWx3 (BGR); HxWx1 becomes HxW. InputError otherwise."""
-    if not isinstance(img, np.ndarray):
-        raise InputError(f"{name}: expected a numpy uint8 image, got {type(img).__name__}")
-    if img.dtype != np.uint8:
-        raise InputError(f"{name}: expected a uint8 image, got {img.dtype}")
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[..., 0]
-    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)) or 0 in img.shape:
-        raise InputError(f"{name}: expected HxWx3 BGR or HxW gray, got shape {img.shape}")
-    return img
-
-
-def resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`a` at height x width: INTER_AREA when shrinking both sides, INTER_LINEAR otherwise."""
-    h, w = a.shape[:2]
-    if (h, w) == (height, width):
-        return a
-    interp = cv2.INTER_AREA if height <= h and width <= w else cv2.INTER_LINEAR
-    return cv2.resize(a, (width, height), interpolation=interp)
-
-
 def _hw(img: np.ndarray) -> str:
     return f"{img.shape[0]}x{img.shape[1]}"
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of a TVM error, without the traceback TVM puts before and after it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("File ", "Traceback", "^", "at ", "0:", "1:"))]
+    line = (useful or lines or [type(e).__name__])[-1]
+    return one_line(Exception(line.split(" is false: ", 1)[-1]))[:300]
 
 
 def _load_params(path: Path, order: list[str]) -> list[np.ndarray]:

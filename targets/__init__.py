@@ -16,6 +16,19 @@ from pathlib import Path
 
 TABLE = Path(__file__).with_name("boards.json")
 DEFAULT = "jetson-orin-nano"
+# Other names of CPU architectures -> the names LLVM triples use.
+ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
+
+
+def canonical_arch(arch: str) -> str:
+    """A CPU architecture name as LLVM triples spell it: arm64 -> aarch64, amd64 -> x86_64."""
+    arch = arch.lower()
+    return ARCH_ALIASES.get(arch, arch)
+
+
+def machine_arch() -> str:
+    """This machine's CPU architecture as LLVM triples spell it (x86_64, aarch64)."""
+    return canonical_arch(platform.machine())
 
 
 @dataclass(frozen=True)
@@ -143,14 +156,18 @@ def _round_up(value: int, unit: int) -> int:
 
 
 def _machine_matches(triple: str) -> bool:
-    arch = platform.machine().lower()
-    return triple.split("-")[0] in (arch, {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch))
+    return canonical_arch(triple.split("-")[0]) == machine_arch()
 
 
 def _physical_cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cuda_releases() -> dict[str, list[str]]:
+    """{CUDA release: PyPI pins of its device toolchain} (the table's `_cuda_releases`)."""
+    return {k: v for k, v in json.loads(TABLE.read_text())["_cuda_releases"].items() if not k.startswith("_")}
 
 
 def _load() -> dict[str, Board]:

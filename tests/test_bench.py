@@ -23,7 +23,7 @@ def package(tmp_path_factory):
 
     torch.manual_seed(3)
     return compile("flownet2-s", target="host", input_size=SIZE, weights="random",
-                   out=tmp_path_factory.mktemp("pkg") / "s-host.tar")
+                   out=tmp_path_factory.mktemp("pkg") / "s-host.tar").path
 
 
 @pytest.fixture(autouse=True)
@@ -65,22 +65,24 @@ def test_bench_one_peer_and_bad_flags(package, capsys):
     assert set(r["ms"]) == {"edgeflow", "torch"} and set(r["ratio"]) == {"torch"}
     with pytest.raises(InputError, match="choices: onnxruntime, torch"):
         bench(package, vs="tensorrt")
-    with pytest.raises(InputError, match="--runs"):
+    with pytest.raises(InputError, match="runs=0"):
         bench(package, runs=0)
 
 
 def test_cuda_package_needs_its_device(tmp_path, capsys):
     """A Jetson package is refused before anything loads: one line naming the way out."""
     from edgeflow.cli import main
-    from edgeflow.compile.package import write_package
+    from edgeflow.runtime.format import write_package
 
     manifest = {"model": {"name": "flownet2-s", "stages": "s", "width": 0.375}, "precision": "fp32",
+                "pruning": {"ratio": 0.0}, "quantization": None, "versions": {}, "accuracy": {},
                 "input": {"height": 64, "width": 128, "dtype": "float32"}, "output": {"dtype": "float32"},
                 "target": {"name": "jetson-orin-nano", "kind": "cuda", "cuda_arch": "sm_87", "cuda_version": "12.6",
                            "host_triple": "aarch64-linux-gnu"},
                 "params": {"order": []}}
     files = {"lib/model.so": b"elf", "lib/kernels.cubin": b"cubin", "lib/kernels.json": b"{}", "params.npz": b""}
-    orin = write_package(tmp_path / "s-orin.tar", manifest, files)
+    orin = tmp_path / "s-orin.tar"
+    write_package(orin, manifest, files)
     assert main(["bench", str(orin), "--json"]) == PackageError.exit_code
     captured = capsys.readouterr()
     err = captured.err.strip()

@@ -26,7 +26,7 @@ def jetson_package(tmp_path_factory):
     from edgeflow.compile import compile
 
     return compile("flownet2-s", target="jetson", input_size=SIZE, weights="random",
-                   out=tmp_path_factory.mktemp("pkg") / "s-orin.tar")
+                   out=tmp_path_factory.mktemp("pkg") / "s-orin.tar").path
 
 
 def test_jetson_package_is_aarch64_with_sm87_cubin(jetson_package, tmp_path):
@@ -79,7 +79,7 @@ def test_xavier_package_uses_cuda_11_8(tmp_path):
     from edgeflow.compile import compile
 
     path = compile("flownet2-s", target="jetson-xavier-nx", input_size=SIZE, weights="random",
-                   out=tmp_path / "s-xavier.tar")
+                   out=tmp_path / "s-xavier.tar").path
     manifest, _ = manifest_of(path)
     assert manifest["target"]["cuda_arch"] == "sm_72" and manifest["target"]["cuda_version"] == "11.8"
     assert all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in manifest["kernels"])
@@ -95,7 +95,7 @@ def test_fp16_jetson_package(tmp_path):
     from edgeflow.compile import TOLERANCE, compile
 
     path = compile("flownet2-s", target="jetson", input_size=SIZE, precision="fp16", weights="random",
-                   out=tmp_path / "s16.tar")
+                   out=tmp_path / "s16.tar").path
     manifest, _ = manifest_of(path)
     assert manifest["precision"] == "fp16"
     assert manifest["kernels"] and all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in manifest["kernels"])

@@ -108,5 +108,5 @@ def test_cli_json_and_table(chairs, capsys):
     out = capsys.readouterr().out
     assert "farneback" in out and "chairs" in out and "EPE" in out
 
-    assert main(["eval", "nope", "--data", str(chairs)]) == 2
+    assert main(["eval", "nope", "--data", str(chairs)]) == InputError.exit_code
     assert capsys.readouterr().err.startswith("Error: unknown method 'nope'")

@@ -93,7 +93,7 @@ def test_flownet2_css_fp16_package(target, tmp_path):
     from edgeflow.compile import TOLERANCE, compile
 
     path = compile("flownet2-css", target=target, input_size=(64, 256), precision="fp16", weights="random",
-                   out=tmp_path / "css16.tar")
+                   out=tmp_path / "css16.tar").path
     with tarfile.open(path) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))
     assert manifest["accuracy"]["epe_vs_torch"] < TOLERANCE["fp16"]

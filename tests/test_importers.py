@@ -369,7 +369,7 @@ def test_cli_error_is_one_line(tmp_path, capsys, s_layers):
     path = tmp_path / "s.caffemodel"
     path.write_bytes(caffemodel_bytes(s_layers))
     out = tmp_path / "c.pt"
-    assert main(["import-weights", str(path), "--model", "flownet2-c", "-o", str(out)]) == 2
+    assert main(["import-weights", str(path), "--model", "flownet2-c", "-o", str(out)]) == InputError.exit_code
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and err.count("\n") == 1 and "'conv1'" in err
     assert not out.exists()

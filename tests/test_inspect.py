@@ -64,14 +64,16 @@ def test_roofline():
 
 
 def _write(tmp_path, target, kernels=None):
-    from edgeflow.compile.package import write_package
+    from edgeflow.runtime.format import write_package
 
     manifest = {"model": {"name": "flownet2-s", "width": 0.375}, "input": {"height": 64, "width": 128},
                 "output": {}, "precision": "fp32", "target": target, "params": {"order": []},
+                "pruning": {"ratio": 0.0}, "quantization": None, "versions": {},
                 "accuracy": {"epe_vs_torch": 0.001, "tolerance": 0.01, "measured_on": "generated pairs"}}
     if kernels is not None:
         manifest["kernels"] = kernels
-    return write_package(tmp_path / "p.tar", manifest, {"lib/model.so": b"\x7fELF", "params.npz": b"x"})
+    write_package(tmp_path / "p.tar", manifest, {"lib/model.so": b"\x7fELF", "params.npz": b"x"})
+    return tmp_path / "p.tar"
 
 
 def test_cpu_package_report(tmp_path):
@@ -100,7 +102,7 @@ def s_package(tmp_path_factory):
     from edgeflow.compile import compile
 
     return compile("flownet2-s", target="jetson", input_size=(64, 128), weights="random",
-                   out=tmp_path_factory.mktemp("pkg") / "s-orin.tar")
+                   out=tmp_path_factory.mktemp("pkg") / "s-orin.tar").path
 
 
 @pytest.mark.tvm
@@ -144,7 +146,7 @@ def test_inspect_needs_neither_tvm_nor_torch(s_package):
 def test_flownet2_c_correlation_kernel(tmp_path):
     from edgeflow.compile import compile
 
-    path = compile("flownet2-c", target="jetson", input_size=(64, 256), weights="random", out=tmp_path / "c.tar")
+    path = compile("flownet2-c", target="jetson", input_size=(64, 256), weights="random", out=tmp_path / "c.tar").path
     report = inspect_package(path)
     (corr,) = [k for k in report["kernels"] if k["op"] == "correlation"]
     assert corr["name"].startswith("correlation")

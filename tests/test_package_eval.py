@@ -42,7 +42,7 @@ def test_package_eval_matches_torch(name, data, tmp_path):
     from edgeflow.evaluate import evaluate
 
     weights = _weights(name, tmp_path / f"{name}.pt")
-    package = compile(name, target="host", input_size=SIZE, weights=weights, out=tmp_path / f"{name}.tar")
+    package = compile(name, target="host", input_size=SIZE, weights=weights, out=tmp_path / f"{name}.tar").path
     want = evaluate(name, data, weights=weights, size=SIZE, progress=False)
     got = evaluate(str(package), data, progress=False)
     assert want["epe"] > 1.0  # the amplified heads predict real motion, not ~0

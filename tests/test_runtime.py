@@ -55,7 +55,7 @@ def package(torch_model, tmp_path_factory) -> Path:
     from edgeflow.compile import compile
 
     out = tmp_path_factory.mktemp("pkg") / "flownet2-s-host.tar"
-    return compile(torch_model, target="host", input_size=(H, W), precision="fp32", out=out)
+    return compile(torch_model, target="host", input_size=(H, W), precision="fp32", out=out).path
 
 
 def build_package_directly(model, out: Path) -> Path:
@@ -80,7 +80,7 @@ def build_package_directly(model, out: Path) -> Path:
     npz = io.BytesIO()
     np.savez(npz, **{n: p.numpy() for n, p in zip(names, params["main"])})
     manifest = {
-        "format_version": 1,
+        "format_version": 2,
         "model": {"name": "flownet2-s", "stages": "s", "width": 0.375, "weights": "random", "weights_sha256": None},
         "input": {"height": H, "width": W, "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 1]},
         "output": {"dtype": "float32", "units": "pixels"},
@@ -116,17 +116,27 @@ def frames(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
 # -- helpers --------------------------------------------------------------------------------------
 
 def read_tar(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """(manifest, {name: bytes} of the other files) of a package, the digest and signature left out."""
     with tarfile.open(path) as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    files.pop("manifest.sha256", None)
+    files.pop("manifest.sig", None)
     return json.loads(files.pop("manifest.json")), files
 
 
-def write_tar(path: Path, manifest: dict, files: dict[str, bytes], *, rehash: bool = True,
+def write_tar(path: Path, manifest: dict, files: dict[str, bytes], *, rehash: bool = True, redigest: bool = True,
               extra_members: dict[str, bytes] | None = None) -> Path:
-    """A package tar; with `rehash` the manifest's sha256 entries are made to match `files`."""
+    """A package tar in the documented format, written here independently of edgeflow's writer:
+    canonical manifest.json (sorted keys, indent 1, ASCII) and manifest.sha256. With `rehash` the
+    manifest's sha256 entries are made to match `files`; with `redigest` manifest.sha256 is made
+    to match the manifest (else the original package's digest is kept: pass it in extra_members)."""
     if rehash:
         manifest = dict(manifest, files={n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
-    entries = {"manifest.json": json.dumps(manifest).encode(), **files, **(extra_members or {})}
+    body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    entries = {"manifest.json": body}
+    if redigest:
+        entries["manifest.sha256"] = hashlib.sha256(body).hexdigest().encode()
+    entries.update({**files, **(extra_members or {})})
     with tarfile.open(path, "w") as tar:
         for name, data in entries.items():
             info = tarfile.TarInfo(name)
@@ -161,7 +171,7 @@ def random_pair(rng, h, w, channels=3):
 
 def test_manifest_and_repr(engine):
     m = engine.manifest
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert (m["input"]["height"], m["input"]["width"]) == (H, W)
     assert m["target"]["kind"] == "cpu"
     assert "on cpu" in repr(engine)
@@ -231,16 +241,17 @@ def test_package_in_the_documented_format(torch_model, tmp_path, rng):
 # -- package verification -------------------------------------------------------------------------
 
 def test_read_package_caches_extraction(package):
-    from edgeflow.runtime.package import read_package
+    from edgeflow.runtime.format import read_package
 
-    manifest, d1 = read_package(package)
-    _, d2 = read_package(package)
+    first = read_package(package)
+    manifest, d1 = first.manifest, first.directory
+    d2 = read_package(package).directory
     assert d1 == d2 and (d1 / "lib" / "model.so").is_file() and (d1 / "params.npz").is_file()
     assert d1.name == hashlib.sha256(package.read_bytes()).hexdigest()
     assert set(manifest["files"]) == {"lib/model.so", "params.npz"}
     params = (d1 / "params.npz").read_bytes()
     (d1 / "params.npz").write_bytes(params[:-1] + bytes([params[-1] ^ 1]))  # damage the cache
-    _, d3 = read_package(package)
+    d3 = read_package(package).directory
     assert d3 == d1 and (d1 / "params.npz").read_bytes() == params  # re-hashed and extracted again
 
 
@@ -257,7 +268,7 @@ def test_tampered_library(package, tmp_path):
 
 
 def test_missing_and_extra_files(package, tmp_path):
-    from edgeflow.runtime.package import read_package
+    from edgeflow.runtime.format import read_package
 
     manifest, files = read_tar(package)
     missing = write_tar(tmp_path / "missing.tar", manifest, {"lib/model.so": files["lib/model.so"]}, rehash=False)
@@ -272,8 +283,8 @@ def test_unknown_format_version(package, tmp_path):
     from edgeflow.runtime import load
 
     manifest, files = read_tar(package)
-    bad = write_tar(tmp_path / "v2.tar", dict(manifest, format_version=2), files)
-    with pytest.raises(PackageError, match=r"unknown package format version 2 \(this runtime reads 1\)"):
+    bad = write_tar(tmp_path / "v1.tar", dict(manifest, format_version=1), files)
+    with pytest.raises(PackageError, match=r"unknown package format version 1 \(this runtime reads 2; recompile"):
         load(bad)
 
 
@@ -290,22 +301,22 @@ def test_not_a_package(tmp_path):
     with tarfile.open(no_manifest, "w") as tar:
         info = tarfile.TarInfo("params.npz")
         tar.addfile(info, io.BytesIO(b""))
-    with pytest.raises(PackageError, match=r"nomanifest.tar: not a package \(no manifest.json\)"):
+    with pytest.raises(PackageError, match=r"nomanifest.tar: not an edgeflow package of format 2 \(no manifest.json\)"):
         load(no_manifest)
 
 
 def test_unsafe_member_refused(package, tmp_path):
-    from edgeflow.runtime.package import read_package
+    from edgeflow.runtime.format import read_package
 
     manifest, files = read_tar(package)
     bad = write_tar(tmp_path / "unsafe.tar", manifest, files, rehash=False, extra_members={"../escape": b"x"})
-    with pytest.raises(PackageError, match="unsafe member '../escape'"):
+    with pytest.raises(PackageError, match="member '../escape' is not a relative path inside the package"):
         read_package(bad)
     assert not (tmp_path.parent / "escape").exists()
 
 
 def other_arch() -> str:
-    from edgeflow.runtime.package import machine_arch
+    from edgeflow.targets import machine_arch
 
     return "x86_64" if machine_arch() == "aarch64" else "aarch64"
 
@@ -328,7 +339,7 @@ def test_cuda_package_without_gpu(package, tmp_path):
 
 def test_package_for_other_cpu(package, tmp_path):
     from edgeflow.runtime import load
-    from edgeflow.runtime.package import machine_arch
+    from edgeflow.targets import machine_arch
 
     manifest, files = read_tar(package)
     triple = f"{other_arch()}-linux-gnu"
@@ -385,7 +396,7 @@ def test_cuda_package_runs_on_gpu(tmp_path):
         pytest.skip("no CUDA device")
     from edgeflow.compile import compile
     from edgeflow.runtime import load
-    from edgeflow.runtime.package import machine_arch
+    from edgeflow.targets import machine_arch
 
     if machine_arch() != "aarch64":
         pytest.skip("the Jetson packages carry aarch64 host code")
@@ -393,7 +404,7 @@ def test_cuda_package_runs_on_gpu(tmp_path):
     board = {"sm_87": "jetson-orin-nano", "sm_72": "jetson-xavier-nx", "sm_53": "jetson-nano"}.get(arch)
     if board is None:
         pytest.skip(f"no Jetson board with {arch}")
-    pkg = compile("flownet2-s", target=board, input_size=(H, W), weights=None, out=tmp_path / "gpu.tar")
+    pkg = compile("flownet2-s", target=board, input_size=(H, W), weights=None, out=tmp_path / "gpu.tar").path
     engine = load(pkg)
     rng = np.random.default_rng(0)
     img1, img2 = random_pair(rng, H, W)
@@ -482,6 +493,6 @@ def test_cli_run_errors(package, tmp_path, capsys):
     bad = write_tar(tmp_path / "v9.tar", dict(manifest, format_version=9), files)
     assert main(["run", str(bad), str(tmp_path)]) == PackageError.exit_code
     err = capsys.readouterr().err.strip()
-    assert err == "Error: unknown package format version 9 (this runtime reads 1)"
+    assert err == f"Error: {bad}: unknown package format version 9 (this runtime reads 2; recompile it with this edgeflow)"
     assert main(["run", str(package), "http://example.com/x"]) == InputError.exit_code
     assert "choices: csi://, v4l2://, rtsp://, file://" in capsys.readouterr().err

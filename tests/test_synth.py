@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edgeflow import synth
+from edgeflow.errors import InputError
 
 
 def _warp_back(img2: np.ndarray, flow: np.ndarray) -> np.ndarray:
@@ -127,10 +128,10 @@ def test_cli_synth(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "v"), "--count", "3", "--size", "64x64", "--video"]) == 0
     assert (tmp_path / "v" / "clip.mp4").is_file()
     capsys.readouterr()
-    assert main(["synth", str(tmp_path / "bad"), "--count", "2", "--size", "64by80"]) == 2
+    assert main(["synth", str(tmp_path / "bad"), "--count", "2", "--size", "64by80"]) == InputError.exit_code
     err = capsys.readouterr().err
     assert "--size" in err and "HxW" in err and "384x512" in err
-    assert main(["synth", str(tmp_path / "bad"), "--count", "0"]) == 2
+    assert main(["synth", str(tmp_path / "bad"), "--count", "0"]) == InputError.exit_code
     assert "--count" in capsys.readouterr().err
-    assert main(["synth", str(tmp_path / "bad"), "--count", "2", "--size", "65x96", "--video"]) == 2
+    assert main(["synth", str(tmp_path / "bad"), "--count", "2", "--size", "65x96", "--video"]) == InputError.exit_code
     assert "even" in capsys.readouterr().err

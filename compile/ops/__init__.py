@@ -14,6 +14,8 @@ not import TVM.
 
 from __future__ import annotations
 
+from edgeflow.errors import InternalError
+
 OP_ATTR = "edgeflow.op"
 PARAMS_ATTR = "edgeflow.params"
 # Relax's FuseOps must not merge our functions into their neighbours (FuseTIR would drop the
@@ -71,7 +73,7 @@ def apply_hand_schedules(mod, target, board=None):
             continue
         op = str(attrs[OP_ATTR])
         if op not in schedulers:
-            raise ValueError(f"no hand schedule for edgeflow.op={op!r}")
+            raise InternalError(f"no hand schedule for edgeflow.op={op!r}")
         todo.append((gv, schedulers[op](func, target, board)))
     if not todo:
         return mod
@@ -151,7 +153,7 @@ def node_args(node, names) -> dict:
                 out[arg.name] = arg.default_value
     missing = [n for n in names if n not in out]
     if missing:
-        raise ValueError(f"{node.target}: missing arguments {missing}")
+        raise InternalError(f"{node.target}: missing arguments {missing}")
     return out
 
 

@@ -29,6 +29,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR, gpu_board, is_cuda, launch_bounds, node_args
+from edgeflow.errors import InputError, InternalError
+from edgeflow.models.shapes import correlation_output_size
 
 ACC = "float32"
 
@@ -51,11 +53,11 @@ class CorrelationSpec:
 
     def __post_init__(self):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"correlation kernel_size must be odd and positive, got {self.kernel_size}")
+            raise InputError(f"correlation kernel_size must be odd and positive, got {self.kernel_size}")
         if self.stride1 < 1 or self.stride2 < 1 or self.max_displacement < 0 or self.pad < 0:
-            raise ValueError("correlation strides must be >= 1, max_displacement and pad >= 0")
+            raise InputError("correlation strides must be >= 1, max_displacement and pad >= 0")
         if self.dtype not in ("float32", "float16"):
-            raise ValueError(f"correlation dtype must be float32 or float16, got {self.dtype}")
+            raise InputError(f"correlation dtype must be float32 or float16, got {self.dtype}")
         self.out_hw  # raises when the input is too small
 
     @property
@@ -69,14 +71,8 @@ class CorrelationSpec:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        k, md, s1, pad = self.kernel_size, self.max_displacement, self.stride1, self.pad
-        border = md + (k - 1) // 2
-        oh = -(-(self.height + 2 * pad - 2 * border) // s1)
-        ow = -(-(self.width + 2 * pad - 2 * border) // s1)
-        if oh <= 0 or ow <= 0:
-            raise ValueError(f"correlation input {self.height}x{self.width} too small for "
-                             f"displacement {md} with pad {pad}")
-        return oh, ow
+        return correlation_output_size(self.height, self.width, kernel_size=self.kernel_size,
+                                       max_displacement=self.max_displacement, stride1=self.stride1, pad=self.pad)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -205,9 +201,9 @@ def correlation_primfunc(f1_shape, f2_shape=None, *, kernel_size: int, max_displ
     `op_pattern` = opaque (Relax's FuseOps leaves it alone)."""
     f1_shape = tuple(int(s) for s in f1_shape)
     if f2_shape is not None and tuple(int(s) for s in f2_shape) != f1_shape:
-        raise ValueError(f"correlation inputs differ in shape: {f1_shape} vs {tuple(f2_shape)}")
+        raise InputError(f"correlation inputs differ in shape: {f1_shape} vs {tuple(f2_shape)}")
     if len(f1_shape) != 4:
-        raise ValueError(f"correlation inputs must be NCHW, got shape {f1_shape}")
+        raise InputError(f"correlation inputs must be NCHW, got shape {f1_shape}")
     spec = CorrelationSpec(*f1_shape, kernel_size=kernel_size, max_displacement=max_displacement,
                            stride1=stride1, stride2=stride2, pad=pad, dtype=dtype, leaky_slope=leaky_slope)
     return spec_primfunc(spec)
@@ -318,7 +314,7 @@ def plan_cuda(spec: CorrelationSpec, board=None) -> CudaPlan:
                                 if cand is not None and (best is None or cand.cycles < best.cycles):
                                     best = cand
     if best is None:
-        raise ValueError(f"no CUDA tiling of correlation {spec} fits {board.name}")
+        raise InternalError(f"no CUDA tiling of correlation {spec} fits {board.name}")
     return best
 
 
@@ -578,7 +574,7 @@ def schedule_correlation(func, target, board=None, plan: CudaPlan | None = None)
         sched = _schedule_cpu(func, spec, target)
         extra = {}
     else:
-        raise ValueError(f"no correlation schedule for target kind {target.kind.name}")
+        raise InternalError(f"no correlation schedule for target kind {target.kind.name}")
     attrs = {OP_ATTR: "correlation", PARAMS_ATTR: func.attrs[PARAMS_ATTR], "tirx.is_scheduled": True,
              "tir.is_scheduled": True, **extra}
     return sched.with_attrs(attrs)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from edgeflow.compile.ops import gpu_board
+from edgeflow.errors import InternalError, MissingDependency, one_line
 
 GPU_SCOPES = ("shared", "shared.dyn", "local", "warp")
 
@@ -217,7 +218,7 @@ def ptxas_resources(source: str, arch: str, cuda_version: str | None = None) -> 
 
     tool = ptxas_tool(arch, cuda_version)
     if tool is None:
-        raise RuntimeError(f"no CUDA toolchain here compiles for {arch} (install the board's with "
+        raise MissingDependency(f"no CUDA toolchain here compiles for {arch} (install the board's with "
                            f"`make cuda-<version>`, or an nvcc that lists it)")
     if tool.startswith("cuda-"):
         _, resources = ct.compile_cuda(source, arch, tool[5:])
@@ -228,5 +229,5 @@ def ptxas_resources(source: str, arch: str, cuda_version: str | None = None) -> 
         res = subprocess.run([shutil.which("nvcc"), "--cubin", f"-arch={arch}", "-Xptxas", "-v", "-O3",
                               str(src), "-o", str(Path(d) / "kernel.cubin")], capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"nvcc failed for {arch}:\n{res.stderr[-4000:]}")
+        raise InternalError(f"nvcc failed for {arch}: {one_line(Exception(res.stderr[-300:]))}")
     return ct.parse_ptxas(res.stderr + res.stdout)

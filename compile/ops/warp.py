@@ -13,6 +13,7 @@ inside it, so they are computed once per pixel (common subexpressions after unro
 from __future__ import annotations
 
 from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR, gpu_board, is_cuda, launch_bounds, node_args
+from edgeflow.errors import InputError, InternalError
 
 ACC = "float32"
 MAX_UNROLLED_CHANNELS = 16
@@ -53,9 +54,9 @@ def warp_primfunc(image_shape, *, dtype: str = "float32"):
 
     shape = tuple(int(s) for s in image_shape)
     if len(shape) != 4:
-        raise ValueError(f"warp image must be NCHW, got shape {shape}")
+        raise InputError(f"warp image must be NCHW, got shape {shape}")
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"warp dtype must be float32 or float16, got {dtype}")
+        raise InputError(f"warp dtype must be float32 or float16, got {dtype}")
     image = te.placeholder(shape, dtype, "image")
     flow = te.placeholder((shape[0], 2, shape[2], shape[3]), dtype, "flow")
     func = te.create_prim_func([image, flow, warp_te(image, flow, dtype)]).without_attr("global_symbol")
@@ -113,7 +114,7 @@ def schedule_warp(func, target, board=None):
     elif str(target.kind.name) == "llvm":
         sched = _schedule_cpu(func)
     else:
-        raise ValueError(f"no warp schedule for target kind {target.kind.name}")
+        raise InternalError(f"no warp schedule for target kind {target.kind.name}")
     return sched.with_attrs({OP_ATTR: "warp", PARAMS_ATTR: func.attrs[PARAMS_ATTR],
                              "tirx.is_scheduled": True, "tir.is_scheduled": True})
 
@@ -126,7 +127,7 @@ def emit_warp(bb, image, flow):
     dtype = str(image.ty.dtype)
     flow_shape = [int(s) for s in flow.ty.shape.values]
     if flow_shape != [shape[0], 2, shape[2], shape[3]]:
-        raise ValueError(f"warp: flow shape {flow_shape} does not match image shape {shape}")
+        raise InputError(f"warp: flow shape {flow_shape} does not match image shape {shape}")
     if str(flow.ty.dtype) != dtype:
         flow = bb.emit(relax.op.astype(flow, dtype))
     gv = bb.add_func(warp_primfunc(shape, dtype=dtype), "warp")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 
@@ -19,10 +21,10 @@ def compile_cmd(
     size: str = typer.Option("448x1024", help="Network input size HxW, multiples of 64."),
     out: str = typer.Option(None, "-o", "--out", help="Package path (default: MODEL-TARGET-PRECISION-HxW.tar)."),
     force: bool = typer.Option(False, help="Write the package even if its EPE exceeds the tolerance."),
+    sign: Path = typer.Option(None, "--sign", metavar="KEY",
+                              help="Sign the package with this Ed25519 private key (`edgeflow keygen`)."),
 ) -> None:
     """Compile MODEL for TARGET into a self-describing package (.tar)."""
-    import json
-    import tarfile
     import time
 
     from edgeflow.cli.options import parse_size
@@ -33,10 +35,7 @@ def compile_cmd(
     if weights == "random":
         typer.echo(f"warning: compiling {model} with random (untrained) weights", err=True)
     t0 = time.time()
-    path = compile(model, target=target, input_size=parse_size(size), precision=precision, prune=prune,
-                   calibration=calib, out=out, weights=weights, force=force,
-                   progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
-    with tarfile.open(path) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))
-    typer.echo(f"{path}: {manifest['model']['name']} for {manifest['target']['name']}, "
-               f"{manifest['precision']}, EPE vs torch {manifest['accuracy']['epe_vs_torch']:.4f} px")
+    result = compile(model, target=target, input_size=parse_size(size), precision=precision, prune=prune,
+                     calibration=calib, out=out, weights=weights, force=force, sign=sign,
+                     progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
+    typer.echo(result.summary())

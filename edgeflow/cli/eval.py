@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+from edgeflow.cli.run import TRUST_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +23,7 @@ def eval_cmd(
                                 help="For a registry model: 'default', 'random' (untrained) or a weight file."),
     size: str = typer.Option(None, "--size", help="For a registry model: run the network at HxW (multiples of 64), "
                                                   "e.g. a package's compiled size; default: each image's size rounded up."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="PUBKEY", help=TRUST_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Measure end-point error per evaluation set (and Fl-all on KITTI)."""
@@ -33,7 +37,8 @@ def eval_cmd(
     net_size = parse_size(size) if size else None
     if net_size and (net_size[0] % 64 or net_size[1] % 64):
         raise InputError(f"--size {size}: height and width must be multiples of 64, e.g. 384x512")
-    result = evaluate(method, data, weights=None if weights == "random" else weights, size=net_size)
+    result = evaluate(method, data, weights=None if weights == "random" else weights, size=net_size,
+                      trusted_keys=trust or None)
     if json_out:
         typer.echo(json.dumps(result, indent=1))
         return

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+from edgeflow.cli.run import TRUST_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -13,6 +16,7 @@ def register(app: typer.Typer) -> None:
 
 def inspect_cmd(
     package: Path = typer.Argument(..., metavar="PACKAGE", help="Compiled package .tar."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="PUBKEY", help=TRUST_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Show what a package holds. CUDA: per kernel registers, spills, shared memory, launch size,
@@ -22,5 +26,5 @@ def inspect_cmd(
 
     from edgeflow.inspect import format_report, inspect_package
 
-    report = inspect_package(package)
+    report = inspect_package(package, trusted_keys=trust or None)
     typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))

@@ -14,6 +14,8 @@ from typing import Optional
 import typer
 
 VIDEO_FOURCC = {".mp4": "mp4v", ".avi": "MJPG"}
+TRUST_HELP = ("Refuse the package unless signed by this Ed25519 public key (repeatable; "
+              "default: the files in $EDGEFLOW_TRUSTED_KEYS).")
 
 
 def register(app: typer.Typer) -> None:
@@ -29,6 +31,7 @@ def run_cmd(
                                               "colour-coded video. Default: write nothing."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="Stop after N flow fields."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: the package's kind)."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="PUBKEY", help=TRUST_HELP),
     max_flow: Optional[float] = typer.Option(None, "--max-flow", min=0.0,
                                              help="Pixels of full colour saturation (default: each frame's largest)."),
 ) -> None:
@@ -37,7 +40,7 @@ def run_cmd(
     from edgeflow.runtime.sources import open_source, parse_uri
 
     parse_uri(source)  # an unknown scheme fails before the package is loaded
-    engine = rt.load(package, device=device)
+    engine = rt.load(package, device=device, trusted_keys=trust or None)
     src = open_source(source)
     try:
         sink = _sink(output, fps=src.fps or 30.0, max_flow=max_flow)

@@ -14,6 +14,7 @@ from torch import nn
 from edgeflow.models.ops import correlation
 
 LEAKY_SLOPE = 0.1
+DIV_FLOW = 20.0  # the pyramid holds flow / DIV_FLOW (FlowNet's `div_flow`)
 
 
 def _conv(cin: int, cout: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:

@@ -10,16 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def correlation_output_size(height: int, width: int, *, kernel_size: int, max_displacement: int,
-                            stride1: int, pad: int) -> tuple[int, int]:
-    """Output (H, W) of Caffe's Correlation layer for a (height, width) input."""
-    border = max_displacement + (kernel_size - 1) // 2
-    out_h = -(-(height + 2 * pad - 2 * border) // stride1)
-    out_w = -(-(width + 2 * pad - 2 * border) // stride1)
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(f"correlation input {height}x{width} too small for displacement {max_displacement}")
-    return out_h, out_w
+from edgeflow.models.shapes import correlation_output_size
 
 
 def correlation_reference(f1: torch.Tensor, f2: torch.Tensor, kernel_size: int = 1,

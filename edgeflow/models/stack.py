@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeflow.models.flownet import FlowNetC, FlowNetS
+from edgeflow.errors import InputError
+from edgeflow.models.flownet import DIV_FLOW, FlowNetC, FlowNetS
 from edgeflow.models.ops import warp
-
-DIV_FLOW = 20.0
 
 
 def stage_names(stages: str) -> list[str]:
@@ -43,7 +42,7 @@ class FlowNet2(nn.Module):
     def __init__(self, stages: str, width: float, input_mean=None):
         super().__init__()
         if not stages or stages[0] not in "sc" or set(stages[1:]) - {"s"}:
-            raise ValueError(f"stages must be 's' or 'c' followed by 's'*, got {stages!r}")
+            raise InputError(f"stages must be 's' or 'c' followed by 's'*, got {stages!r}")
         self.stages = stages
         self.width = width
         self.names = stage_names(stages)
@@ -64,7 +63,7 @@ class FlowNet2(nn.Module):
         if value is not None:
             value = tuple(tuple(float(v) for v in rgb) for rgb in value)
             if len(value) != 2 or any(len(rgb) != 3 for rgb in value):
-                raise ValueError(f"input_mean must be two RGB triples (img1, img2), got {value!r}")
+                raise InputError(f"input_mean must be two RGB triples (img1, img2), got {value!r}")
         self._input_mean = value
 
     def normalize(self, img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
@@ -78,11 +77,11 @@ class FlowNet2(nn.Module):
 
     def check_size(self, img1: torch.Tensor, img2: torch.Tensor) -> None:
         if img1.shape != img2.shape or img1.dim() != 4 or img1.shape[1] != 3:
-            raise ValueError(f"expected two [B,3,H,W] images of one shape, got {tuple(img1.shape)} "
+            raise InputError(f"expected two [B,3,H,W] images of one shape, got {tuple(img1.shape)} "
                              f"and {tuple(img2.shape)}")
         h, w = img1.shape[2:]
         if h % 64 or w % 64:
-            raise ValueError(f"image size {h}x{w} is not a multiple of 64")
+            raise InputError(f"image size {h}x{w} is not a multiple of 64")
 
     def pyramids(self, img1: torch.Tensor, img2: torch.Tensor, *, train_from: int = 0):
         """Run every stage; returns the last stage's flow pyramid [flow2..flow6] (pixels/20).

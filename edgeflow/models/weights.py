@@ -40,7 +40,7 @@ def resolve(name: str, weights) -> Path:
         if entry is None:
             have = ", ".join(sorted(shipped())) or "none"
             raise InputError(f"no trained weights ship for {name!r} (shipped: {have}); "
-                             f"pass weights=None / --weights random for an untrained network")
+                             f"pass weights=None for an untrained network")
         path = WEIGHTS_DIR / entry["file"]
         if sha256_file(path) != entry["sha256"]:
             raise InputError(f"{path}: sha256 does not match weights/index.json; reinstall edgeflow")
