@@ -81,14 +81,15 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     out = Path(out or f"{name}-{board.name}-{precision}-{h}x{w}.tar")
 
     t0 = time.time()
-    say(f"export   {name} at {h}x{w} (torch.export -> Relax)")
-    relax_model = frontend.to_relax(torch_model, (h, w))
-    say(f"lower    for {board.name} ({board.kind}{' ' + board.cuda_arch if board.is_cuda else ''}, {precision})")
-    mod, params, param_names = lower.prepare(relax_model.mod, relax_model.params, relax_model.param_names,
-                                             precision)
-    ex, device_code = lower.build(mod, board)
-    say("verify   EPE against the torch model on generated pairs")
-    epe = _measure_epe(torch_model, mod, params, board, ex, (h, w))
+    with lower.TVM_LOCK:  # TVM keeps process-wide state: compiles in several threads take turns
+        say(f"export   {name} at {h}x{w} (torch.export -> Relax)")
+        relax_model = frontend.to_relax(torch_model, (h, w))
+        say(f"lower    for {board.name} ({board.kind}{' ' + board.cuda_arch if board.is_cuda else ''}, {precision})")
+        mod, params, param_names = lower.prepare(relax_model.mod, relax_model.params, relax_model.param_names,
+                                                 precision)
+        ex, device_code = lower.build(mod, board)
+        say("verify   EPE against the torch model on generated pairs")
+        epe = _measure_epe(torch_model, mod, params, board, ex, (h, w))
     tolerance = TOLERANCE[precision]
     if not epe <= tolerance and not force:  # NaN fails too
         raise AccuracyError(f"compiled {name} differs from the torch model by EPE {epe:.4f} px "

@@ -32,8 +32,9 @@ class DeviceCode:
         return json.dumps({"tvm_version": tvm.__version__, "func_info": self.func_info})
 
 
-# TVM's function registry is global to the process: one CUDA build at a time wraps its hook.
-_CUDA_HOOK_LOCK = threading.Lock()
+# TVM's function registry and TOPI's tag scope are global to the process: builds in several
+# threads take turns (re-entrant: `build` holds it around `capture_cuda`).
+TVM_LOCK = threading.RLock()
 CUDA_BUILD = "target.build.cuda"
 
 
@@ -55,7 +56,7 @@ def capture_cuda(code: DeviceCode):
 
     from edgeflow.compile import kernel_stats
 
-    with _CUDA_HOOK_LOCK:
+    with TVM_LOCK:
         original = tvm.get_global_func(CUDA_BUILD)
 
         def build_cuda(mod, target):
@@ -139,7 +140,13 @@ def _lifted_names(func, names: list[str]) -> list[str]:
 
 
 def build(mod, board):
-    """Lower the prepared `mod` for `board`; returns (executable, DeviceCode or None)."""
+    """Lower the prepared `mod` for `board`; returns (executable, DeviceCode or None). Safe to
+    call from several threads: the builds take turns."""
+    with TVM_LOCK:
+        return _build(mod, board)
+
+
+def _build(mod, board):
     import tvm
     import tvm.s_tir.dlight as dl
     from tvm import relax
