@@ -21,8 +21,8 @@ def parse_curriculum(text: str) -> list[list[int]]:
             out.append([int(step), int(h), int(w)])
     except ValueError:
         raise InputError(f"--curriculum {text!r}: expected STEP:HxW[,STEP:HxW...], e.g. 0:256x320,20000:320x448") from None
-    if out[0][0] != 0 or any(h % 64 or w % 64 for _, h, w in out):
-        raise InputError(f"--curriculum {text!r}: must start at step 0 with sizes that are multiples of 64")
+    if out[0][0] != 0 or any(h <= 0 or w <= 0 or h % 64 or w % 64 for _, h, w in out):
+        raise InputError(f"--curriculum {text!r}: must start at step 0 with sizes that are positive multiples of 64")
     return out
 
 
