@@ -22,3 +22,24 @@ def realflow() -> Path:
     if not REALFLOW.is_dir():
         pytest.skip("../shared/realflow is absent")
     return REALFLOW
+
+
+# Largest EPE (px) of a compiled package against its torch model, per precision: the tests' own
+# table, so that a change of the compiler's gate cannot loosen the tests with it.
+TOLERANCE = {"fp32": 0.01, "fp16": 0.25}
+
+
+def engine_epe_vs_torch(engine, model, size: tuple[int, int], pairs: int = 2, seed: int = 4242) -> float:
+    """Mean EPE (px) between `engine` (a loaded package, or any `(img1, img2) -> HxWx2` callable)
+    and the torch `model` run at `size` on generated pairs of that size."""
+    from edgeflow import epe
+    from edgeflow.evaluate import model_flow
+    from edgeflow.synth import generate_pair
+
+    rng = np.random.default_rng(seed)
+    torch_fn = model_flow(model.eval(), size)
+    errs = []
+    for _ in range(pairs):
+        img1, img2, _ = generate_pair(rng, size)
+        errs.append(epe(engine(img1, img2), torch_fn(img1, img2)))
+    return float(np.mean(errs))
