@@ -207,7 +207,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     params = list(trained.values())
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     step, best = 0, math.inf
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else {}
+    ck = wio.load_tensors(ckpt_path, "training checkpoint") if ckpt_path.exists() else {}
     if ck:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

@@ -323,10 +323,11 @@ def _check_signature(tar, members: dict, body: bytes, path: Path, trusted: dict 
     try:
         sig = json.loads(_read_member(tar, members[SIGNATURE]).decode("utf-8"))
         public, signature = base64.b64decode(sig["public_key"]), base64.b64decode(sig["signature"])
-        if sig.get("algorithm") != "ed25519":
-            raise ValueError(f"algorithm {sig.get('algorithm')!r}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        algorithm = sig.get("algorithm")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise PackageError(f"{path}: {SIGNATURE} is malformed ({one_line(e)})") from None
+    if algorithm != "ed25519":
+        raise PackageError(f"{path}: {SIGNATURE} uses algorithm {algorithm!r}; this runtime verifies ed25519")
     kid = signing.key_id(public)
     if not signing.verify(public, signature, body):
         raise PackageError(f"{path}: tampered package: its signature (key {kid}) does not verify")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +39,30 @@ def test_truncated_file_is_refused(saved, tmp_path):
     cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputError, match=r"cut.pt: not a readable weight file"):
         create("flownet2-s", weights=cut)
+
+
+class _Payload:
+    """Unpickling this would call os.system: what a hostile 'weight file' carries."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch /tmp/edgeflow-pwned",)
+
+
+def test_file_with_code_is_refused_without_torchs_unsafe_advice(tmp_path, capsys):
+    from edgeflow.cli import main
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": "flownet2-s", "state_dict": {}, "meta": _Payload()}, evil)
+    with pytest.raises(InputError, match="evil.pt: not a readable weight file .it holds Python objects") as info:
+        create("flownet2-s", weights=evil)
+    assert "weights_only" not in str(info.value) and "can still be loaded" not in str(info.value)
+    assert main(["compile", "--target", "host", "--weights", str(evil), "--size", "64x128",
+                 "-o", str(tmp_path / "x.tar")]) == InputError.exit_code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "weights_only" not in err and "False" not in err
+    assert not Path("/tmp/edgeflow-pwned").exists() and not (tmp_path / "x.tar").exists()
 
 
 def test_weights_of_another_model_are_refused(saved):

@@ -46,12 +46,9 @@ def _checkpoint_entries(path: Path, stages: str, model: str):
     import torch
 
     from edgeflow.models.stack import stage_names
+    from edgeflow.models.weights import load_tensors
 
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zips, foreign pickles and refused globals all land here
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
+    blob = load_tensors(path, "PyTorch checkpoint")
     sd = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{path}: not a flownet2-pytorch checkpoint (no state_dict of tensors)")

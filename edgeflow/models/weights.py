@@ -51,15 +51,26 @@ def resolve(name: str, weights) -> Path:
     return path
 
 
-def read(path: str | os.PathLike) -> dict:
-    """The dict of an edgeflow weight file; InputError if it is not one."""
+def load_tensors(path: str | os.PathLike, what: str = "weight file"):
+    """`torch.load(path, weights_only=True)`; InputError naming `what` if that fails. torch's own
+    message is not passed on where it advises loading with weights_only=False, which would run
+    whatever code the file carries."""
     import torch
 
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise InputError(f"{path}: not a readable weight file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        text = str(e)
+        if "weights_only" in text or "Weights only load failed" in text:
+            detail = "it holds Python objects besides tensors, which edgeflow never unpickles"
+        else:
+            detail = f"{type(e).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+        raise InputError(f"{path}: not a readable {what} ({detail})") from None
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The dict of an edgeflow weight file; InputError if it is not one."""
+    blob = load_tensors(path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state_dict" not in blob:
         raise InputError(f"{path}: not an edgeflow weight file (format {FORMAT}); "
                          f"use `edgeflow import-weights` for official checkpoints")
