@@ -6,7 +6,8 @@ The peers run the same network: a torch model rebuilt from the package (manifest
 params.npz, so a `--weights random` package compares the same network) and its ONNX export
 (`edgeflow.onnx_export`) in ONNX Runtime. All three get the same prepared input (a generated
 pair at the package's input size) and the same thread count (torch.set_num_threads, ORT
-intra_op_num_threads, the TVM runtime's thread pool). Before timing, the first call of each is
+intra_op_num_threads, the Engine's `threads`), and none spins idle threads while another is
+timed; `effective_threads` (CPU time over wall time) shows the threads that ran. Before timing, the first call of each is
 checked: ORT must match torch to EPE 1e-3 px, the package must match torch within its
 precision's tolerance, or nothing is timed. Then `runs` rounds, each calling every framework
 once in turn (so a change of background load hits all alike); `ms` holds the medians of the
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from edgeflow.errors import EdgeflowError, InputError, MissingDependency, PackageError
 from edgeflow.metrics import epe_chw
+from edgeflow.runtime.threads import check_threads
 
 PEERS = ("onnxruntime", "torch")
 ONNX_TOLERANCE = 1e-3  # px, mean EPE of the ONNX Runtime flow against the torch flow
@@ -48,7 +50,7 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
     from edgeflow.synth import generate_pair
 
     vs = _check_args(vs, runs, warmup, threads)
-    threads = threads or _cpus()
+    threads = check_threads(threads)
     say = progress or (lambda msg: None)
     pkg = read_package(package, check_target=False)
     manifest, directory = pkg.manifest, pkg.directory
@@ -63,18 +65,19 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
 
     torch = _import("torch", "torch")
     torch_threads = torch.get_num_threads()
-    affinity = _affinity()
+    # Idle pool threads of one engine must not spin while another is timed: TVM reads this once,
+    # when its first pool starts (the Engine's, below); ONNX Runtime's is a session option.
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     try:
         torch.set_num_threads(threads)
         used = {"torch": torch.get_num_threads(), "onnxruntime": threads}
         say(f"torch    rebuild {manifest['model'].get('name')} from the package's parameters")
         model = model_from_package(manifest, directory).to(device)
         img1, img2, _ = generate_pair(np.random.default_rng(0), (h, w))
-        tvm_threads = _set_tvm_threads(threads)
-        _restore_affinity(affinity)  # TVM pins the calling thread when its pool has one thread
         from edgeflow.runtime.engine import Engine
 
-        engine = Engine(manifest, directory, device)
+        engine = Engine(manifest, directory, device, threads=threads)
+        used["edgeflow"] = engine.threads
         x1, x2 = engine.prepare(img1), engine.prepare(img2)
         t1, t2 = (torch.from_numpy(x).to(device) for x in (x1, x2))
 
@@ -119,7 +122,6 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
             stages["finish"].append(time.perf_counter() - t_net)
     finally:
         torch.set_num_threads(torch_threads)
-        _restore_affinity(affinity)
 
     ms = {name: 1e3 * statistics.median(wall[name]) for name in order}
     end_to_end = [p + n + f for p, n, f in zip(stages["prepare"], wall["edgeflow"], stages["finish"])]
@@ -132,7 +134,10 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
         "device": device,
         "precision": manifest.get("precision"),
         "input_size": [h, w],
-        "threads": {"requested": threads, "edgeflow": tvm_threads, **{peer: used[peer] for peer in vs}},
+        "threads": {"requested": threads, **{name: used[name] for name in order}},
+        # CPU time over wall time of each engine's calls: the threads that really ran
+        "effective_threads": {name: round(statistics.median(cpu[name]) / statistics.median(wall[name]), 2)
+                              for name in order},
         "edgeflow_parallel_loops": _parallel_loops(Path(directory) / "lib" / "model.so"),
         "runs": runs,
         "warmup": max(warmup, 1),
@@ -195,8 +200,7 @@ def _check_args(vs, runs: int, warmup: int, threads: int | None) -> tuple[str, .
         raise InputError(f"runs={runs}: expected at least 1")
     if warmup < 0:
         raise InputError(f"warmup={warmup}: expected 0 or more")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads={threads}: expected at least 1")
+    check_threads(threads)
     return vs
 
 
@@ -226,29 +230,8 @@ def _ort_session(model, size, threads: int, device: str):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # no warnings about nodes it cannot constant-fold
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(export_onnx(model, size), options, providers=providers)
-
-
-def _set_tvm_threads(n: int) -> int:
-    """Size the TVM runtime's thread pool to `n`; returns the count the pool reports.
-
-    TVM reads TVM_NUM_THREADS once, when it creates its pool, as the most threads it will use
-    (without it, on x86 it takes half the logical CPUs, assuming two per core);
-    runtime.config_threadpool then sets the count, up to that bound.
-    """
-    import tvm.runtime  # noqa: F401  (registers the runtime's functions)
-    import tvm_ffi
-
-    old = os.environ.get("TVM_NUM_THREADS")
-    os.environ["TVM_NUM_THREADS"] = str(n)
-    try:
-        tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)  # 1: the big cores, all of them here
-        return int(tvm_ffi.get_global_func("runtime.NumThreads")())
-    finally:
-        if old is None:
-            os.environ.pop("TVM_NUM_THREADS", None)
-        else:
-            os.environ["TVM_NUM_THREADS"] = old
 
 
 def _parallel_loops(library: Path) -> bool:
@@ -268,19 +251,6 @@ def _weights_match(name: str, weights: str, sha: str | None) -> bool:
 
 def _median_ms(seconds: list[float]) -> float:
     return round(1e3 * statistics.median(seconds), 3)
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _affinity():
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-
-
-def _restore_affinity(cpus) -> None:
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus)
 
 
 def _import(module: str, package: str):

@@ -15,10 +15,11 @@ import os
 __all__ = ["load", "Engine", "read_package", "open_source", "stream", "Result"]
 
 
-def load(path: str | os.PathLike, device: str | None = None, *, trusted_keys=None):
+def load(path: str | os.PathLike, device: str | None = None, *, trusted_keys=None, threads: int | None = None):
     """The Engine of the package at `path` on `device` ("cpu", "cuda", "cuda:N"; None = the
     package's kind). trusted_keys: Ed25519 public keys (PEM paths, PEM bytes or key objects) of
     which one must have signed the package; None: $EDGEFLOW_TRUSTED_KEYS, or no trust check.
+    threads: CPU threads of the network (None: every physical core this process may use).
     PackageError, before any library is loaded, if the package is damaged, forged, not signed by
     a trusted key where trust is configured, of an unknown format, or for a target this machine
     cannot run."""
@@ -26,7 +27,7 @@ def load(path: str | os.PathLike, device: str | None = None, *, trusted_keys=Non
     from edgeflow.runtime.format import read_package
 
     pkg = read_package(path, device=device, trusted_keys=trusted_keys)
-    return Engine(pkg.manifest, pkg.directory, device, signer=pkg.signer)
+    return Engine(pkg.manifest, pkg.directory, device, signer=pkg.signer, threads=threads)
 
 
 def __getattr__(name: str):  # lazy: `import edgeflow.runtime` stays cheap

@@ -20,15 +20,21 @@ _SAVED = "edgeflow_main"  # the VM closure of "main" bound to the input buffers 
 
 
 class Engine:
-    """A loaded package. Build it with `edgeflow.runtime.load(path, device=None)`, which verifies
-    the package first; `signer` is the key id of its signature (None when unsigned)."""
+    """A loaded package. Build it with `edgeflow.runtime.load(path, device=None, threads=None)`,
+    which verifies the package first; `signer` is the key id of its signature (None when
+    unsigned). The network runs on a thread of the Engine's own whose TVM pool has `threads`
+    CPU threads (every physical core by default); calls from several threads take turns."""
 
-    def __init__(self, manifest: dict, directory: str | Path, device: str | None = None, signer: str | None = None):
+    def __init__(self, manifest: dict, directory: str | Path, device: str | None = None, signer: str | None = None,
+                 threads: int | None = None):
         import tvm.runtime
         from tvm.runtime.vm import VirtualMachine
 
         from edgeflow.runtime.format import device_index
+        from edgeflow.runtime.threads import PoolThread
 
+        self._pool = PoolThread(threads)
+        self.threads = self._pool.threads
         self.manifest, self.signer = manifest, signer
         self.directory = Path(directory)
         kind = manifest["target"]["kind"]
@@ -57,7 +63,7 @@ class Engine:
     def __repr__(self) -> str:
         m = self.manifest
         return (f"Engine({m['model'].get('name')} {self.height}x{self.width} {m.get('precision')} "
-                f"for {m['target'].get('name')} on {self.device})")
+                f"for {m['target'].get('name')} on {self.device}, {self.threads} threads)")
 
     def __call__(self, img1: np.ndarray, img2: np.ndarray) -> np.ndarray:
         """Forward flow float32 HxWx2 (pixels) from uint8 BGR/gray `img1` to `img2` (same size)."""
@@ -73,10 +79,14 @@ class Engine:
 
     def run_tensor(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
         """The network on prepared [1,3,H_net,W_net] inputs: flow float32 [2,H_net,W_net] (pixels)."""
-        for buf, staging, x, name in zip(self._inputs, self._staging, (x1, x2), ("x1", "x2")):
-            x = np.asarray(x)
+        xs = [np.asarray(x) for x in (x1, x2)]
+        for staging, x, name in zip(self._staging, xs, ("x1", "x2")):
             if x.shape != staging.shape:
                 raise InputError(f"{name}: expected an array of shape {staging.shape}, got {x.shape}")
+        return self._pool.call(self._run, xs)
+
+    def _run(self, xs: list[np.ndarray]) -> np.ndarray:
+        for buf, staging, x in zip(self._inputs, self._staging, xs):
             if x.dtype != staging.dtype or not x.flags.c_contiguous:
                 np.copyto(staging, x, casting="unsafe")
                 x = staging
@@ -85,6 +95,10 @@ class Engine:
         if not hasattr(out, "numpy"):  # a tuple of outputs: the flow is the first
             out = out[0]
         return out.numpy()[0].astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """End the Engine's network thread (an unclosed Engine's daemon thread never blocks exit)."""
+        self._pool.close()
 
     def finish(self, flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Flow [2,H_net,W_net] -> float32 HxWx2 at `size` (H, W), vectors scaled by the resize ratios."""

@@ -100,7 +100,9 @@ class Board:
         if self.host_triple is None:  # this machine
             from tvm.target.codegen import llvm_get_system_cpu
 
-            return {"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": _physical_cores()}
+            from edgeflow.runtime.threads import physical_cores
+
+            return {"kind": "llvm", "mcpu": llvm_get_system_cpu(), "num-cores": physical_cores()}
         out = {"kind": "llvm", "mtriple": self.host_triple}
         if self.host_cpu and self.host_cpu != "generic":
             out["mcpu"] = self.host_cpu
@@ -157,12 +159,6 @@ def _round_up(value: int, unit: int) -> int:
 
 def _machine_matches(triple: str) -> bool:
     return canonical_arch(triple.split("-")[0]) == machine_arch()
-
-
-def _physical_cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cuda_releases() -> dict[str, list[str]]:

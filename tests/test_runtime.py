@@ -496,3 +496,53 @@ def test_cli_run_errors(package, tmp_path, capsys):
     assert err == f"Error: {bad}: unknown package format version 9 (this runtime reads 2; recompile it with this edgeflow)"
     assert main(["run", str(package), "http://example.com/x"]) == InputError.exit_code
     assert "choices: csi://, v4l2://, rtsp://, file://" in capsys.readouterr().err
+
+
+# -- threads --------------------------------------------------------------------------------------
+
+def _ticks_per_thread() -> dict[str, int]:
+    """CPU ticks (user + system) of each OS thread of this process, from /proc."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out[tid] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def _busy_threads(engine, x1, x2, seconds: float = 1.0) -> int:
+    """How many OS threads did a real share (over 20 %) of the work of calling the engine."""
+    import time
+
+    before, t0 = _ticks_per_thread(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.run_tensor(x1, x2)
+    used = [t - before.get(tid, 0) for tid, t in _ticks_per_thread().items()]
+    return sum(u > 0.2 * max(used) for u in used)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux /proc and two CPUs")
+def test_engine_threads_are_the_threads_that_run(package, rng):
+    """threads=N runs the network on N OS threads, counted from /proc, whatever TVM's pool in
+    the calling thread looked like before (here: created first with a single thread)."""
+    import tvm_ffi
+
+    from edgeflow.runtime import load
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(-3, 1, ["0"])  # this thread's pool: one thread
+    img1, img2 = random_pair(rng, H, W)
+    one, two = load(package, threads=1), load(package, threads=2)
+    assert (one.threads, two.threads) == (1, 2)
+    x1, x2 = two.prepare(img1), two.prepare(img2)
+    np.testing.assert_allclose(one.run_tensor(x1, x2), two.run_tensor(x1, x2), atol=1e-4)
+    assert _busy_threads(one, x1, x2) == 1
+    assert _busy_threads(two, x1, x2) == 2
+    default = load(package)
+    from edgeflow.runtime.threads import physical_cores
+
+    assert default.threads == physical_cores() >= 1
+    with pytest.raises(InputError, match="threads=0: expected a positive integer"):
+        load(package, threads=0)
+    for e in (one, two, default):
+        e.close()

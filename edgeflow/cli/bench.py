@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
 def bench_cmd(
     package: str = typer.Argument(..., metavar="PACKAGE", help="Compiled package (.tar) for this machine."),
     vs: str = typer.Option("onnxruntime,torch", "--vs", help="Peers running the same network: onnxruntime, torch."),
-    threads: int = typer.Option(None, "--threads", help="Threads for every framework (default: this process's CPUs)."),
+    threads: int = typer.Option(None, "--threads", help="Threads for every framework (default: every physical core)."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds; the medians are reported."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed rounds first (the first is checked against torch)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -27,19 +27,20 @@ def bench_cmd(
     r = bench(package, vs=vs, threads=threads, runs=runs, warmup=warmup,
               progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
     if r["threads"]["edgeflow"] != r["threads"]["requested"]:
-        typer.echo(f"warning: the TVM runtime uses {r['threads']['edgeflow']} threads, not {r['threads']['requested']} "
-                   f"(its pool existed before bench sized it)", err=True)
+        typer.echo(f"warning: the TVM runtime uses {r['threads']['edgeflow']} threads, not {r['threads']['requested']}",
+                   err=True)
     if json_out:
         typer.echo(json.dumps(r, indent=1))
         return
     h, w = r["input_size"]
     typer.echo(f"{r['model']} {h}x{w} {r['precision']} on {r['target']} ({r['device']}), "
                f"{r['threads']['requested']} threads, median of {r['runs']} runs")
-    typer.echo(f"{'':<13}{'ms':>10}{'min':>10}{'max':>10}{'cpu ms':>10}{'edgeflow/x':>12}")
+    typer.echo(f"{'':<13}{'ms':>10}{'min':>10}{'max':>10}{'cpu ms':>10}{'threads':>9}{'edgeflow/x':>12}")
     for name, ms in r["ms"].items():
         s = r["stats"][name]
         ratio = f"{r['ratio'][name]:>12.2f}" if name in r["ratio"] else f"{'':>12}"
-        typer.echo(f"{name:<13}{ms:>10.1f}{s['min_ms']:>10.1f}{s['max_ms']:>10.1f}{s['cpu_ms']:>10.1f}{ratio}")
+        typer.echo(f"{name:<13}{ms:>10.1f}{s['min_ms']:>10.1f}{s['max_ms']:>10.1f}{s['cpu_ms']:>10.1f}"
+                   f"{r['effective_threads'][name]:>9.2f}{ratio}")
     st = r["edgeflow_stages_ms"]
     typer.echo(f"edgeflow end to end {r['edgeflow_end_to_end_ms']:.1f} ms (prepare {st['prepare']:.1f} + network "
                f"{st['network']:.1f} + finish {st['finish']:.1f}); EPE vs torch: "

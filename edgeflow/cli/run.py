@@ -32,6 +32,8 @@ def run_cmd(
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="Stop after N flow fields."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: the package's kind)."),
     trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="PUBKEY", help=TRUST_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads of the network "
+                                          "(default: every physical core)."),
     max_flow: Optional[float] = typer.Option(None, "--max-flow", min=0.0,
                                              help="Pixels of full colour saturation (default: each frame's largest)."),
 ) -> None:
@@ -40,7 +42,7 @@ def run_cmd(
     from edgeflow.runtime.sources import open_source, parse_uri
 
     parse_uri(source)  # an unknown scheme fails before the package is loaded
-    engine = rt.load(package, device=device, trusted_keys=trust or None)
+    engine = rt.load(package, device=device, trusted_keys=trust or None, threads=threads)
     src = open_source(source)
     try:
         sink = _sink(output, fps=src.fps or 30.0, max_flow=max_flow)
