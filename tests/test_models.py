@@ -53,7 +53,7 @@ def test_flownet2_pytorch_names():
 
 
 def test_bad_size_and_name():
-    with pytest.raises(ValueError, match="multiple of 64"):
+    with pytest.raises(InputError, match="multiple of 64"):
         create("flownet2-s", weights=None)(torch.rand(1, 3, 100, 64), torch.rand(1, 3, 100, 64))
     with pytest.raises(InputError, match="flownet2-s"):
         create("flownet9")
@@ -322,7 +322,7 @@ def test_fixed_input_mean():
     x = fixed.normalize(img1, img2)
     assert torch.equal(x[:, :3], img1 - torch.tensor(MEAN["img1"]).view(1, 3, 1, 1))
     assert torch.equal(x[:, 3:], img2 - torch.tensor(MEAN["img2"]).view(1, 3, 1, 1))
-    with pytest.raises(ValueError, match="two RGB triples"):
+    with pytest.raises(InputError, match="two RGB triples"):
         FlowNet2("s", 0.375, input_mean=([0.5, 0.5], [0.5, 0.5, 0.5]))
 
 

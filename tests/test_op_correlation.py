@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgeflow.errors import InputError
 from edgeflow.models.ops import correlation_output_size, correlation_reference
 
 tvm = pytest.importorskip("tvm")
