@@ -76,15 +76,23 @@ def leaky(x, slope):
     return np.where(x > 0, x, x * slope).astype(np.float32)
 
 
-def test_output_size_matches_reference():
-    for c, h, w, params in GENERAL + [(c, h, w, FLOWNET) for c, h, w in FAMILY]:
-        spec = CorrelationSpec(1, c, h, w, **params)
-        args = {k: v for k, v in params.items() if k != "stride2"}
-        assert spec.out_hw == correlation_output_size(h, w, **args)
-    assert CorrelationSpec(1, 96, 56, 128).out_shape == (1, 441, 56, 128)
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("h, w, params, out", [
+    # Caffe: border = max_displacement + (kernel_size - 1) / 2, out = ceil((in + 2 pad - 2 border) / stride1)
+    (56, 128, dict(kernel_size=1, max_displacement=20, stride1=1, pad=20), (56, 128)),  # FlowNetC: same size
+    (9, 9, dict(kernel_size=3, max_displacement=4, stride1=2, pad=4), (4, 4)),  # ceil((9 + 8 - 10) / 2)
+    (10, 7, dict(kernel_size=1, max_displacement=2, stride1=1, pad=0), (6, 3)),
+    (12, 20, dict(kernel_size=3, max_displacement=3, stride1=3, pad=2), (3, 6)),  # ceil(8 / 3), ceil(16 / 3)
+])
+def test_output_size_by_hand(h, w, params, out):
+    assert correlation_output_size(h, w, **params) == out
+    assert CorrelationSpec(1, 8, h, w, **params).out_hw == out
+
+
+def test_spec_refuses_bad_parameters():
+    assert CorrelationSpec(1, 96, 56, 128).out_shape == (1, 441, 56, 128)  # D = 2 * (20 // 2) + 1 = 21
+    with pytest.raises(InputError, match="odd"):
         CorrelationSpec(1, 8, 8, 8, kernel_size=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="too small"):
         CorrelationSpec(1, 8, 8, 8, max_displacement=20, pad=0)
 
 
