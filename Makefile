@@ -10,20 +10,25 @@ CUDA_PINS = $(shell $(PYTHON) -c 'import json,sys; print(" ".join(json.load(open
 CUDA_RELEASES := $(shell $(PYTHON) -c 'import json; print(" ".join(k for k in json.load(open("$(BOARDS)"))["_cuda_releases"] if k[0] != "_"))')
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cross-compiler $(addprefix cuda-,$(CUDA_RELEASES))
+.PHONY: install test demo bench clean cross-compiler sass-tools $(addprefix cuda-,$(CUDA_RELEASES))
 
 $(STAMP): pyproject.toml Makefile $(BOARDS)
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk, so nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[compile,dev]'
-	$(MAKE) $(addprefix cuda-,$(CUDA_RELEASES)) cross-compiler
+	$(MAKE) $(addprefix cuda-,$(CUDA_RELEASES)) sass-tools cross-compiler
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 # One pip call per release: `pip --target` replaces the whole nvidia/ folder on each call.
 $(addprefix cuda-,$(CUDA_RELEASES)): cuda-%:
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/$* $(call CUDA_PINS,$*)
+
+# cuobjdump + nvdisasm, to read what the cubins execute (`edgeflow inspect`: tensor cores, dp4a).
+sass-tools:
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/tools \
+	  nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37
 
 # The aarch64 cross toolchain for the host part of Jetson packages (Debian's package).
 cross-compiler:

@@ -166,13 +166,16 @@ def _build(mod, board):
             mod = cpu_schedules.schedule(mod)
     if not board.is_cuda:
         return tvm.compile(mod, target=target), None
-    from edgeflow.compile import kernel_stats
+    from edgeflow.compile import kernel_stats, sass
     from edgeflow.compile.cuda_toolchain import compile_cuda
 
     with capture_cuda(DeviceCode()) as code:
         ex = tvm.compile(mod, target=target)
     code.cubin, resources = compile_cuda(code.source, board.cuda_arch, board.cuda_version)
     code.kernels = kernel_stats.merge(resources, code.stats, mod)
+    classes = sass.instruction_classes(code.cubin, board.cuda_arch)
+    for k in code.kernels:  # what the SASS executes; None where this machine cannot read it
+        k["sass"] = None if classes is None else classes.get(k["name"])
     return ex, code
 
 

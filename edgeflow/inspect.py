@@ -3,10 +3,12 @@
     report = inspect_package("flownet2-s-orin.tar")     # a dict (what `edgeflow inspect --json` prints)
     print(format_report(report))                          # the table `edgeflow inspect` prints
 
-CUDA packages, per kernel: registers, spills and shared memory (ptxas, at compile time), grid and
-block size, occupancy on the package's board (`Board.occupancy`), FLOPs and bytes moved (counted
-in the lowered TIR at compile time by `edgeflow.compile.kernel_stats`), and the roofline time on
-the board (`Board.roofline_seconds`). The roofline times, times the launches per inference, add
+CUDA packages, per kernel: registers, spills and shared memory (ptxas, at compile time), where
+its arithmetic runs (tensor cores, dp4a or FMA, read from the cubin's SASS at compile time by
+`edgeflow.compile.sass`; unknown where that was not possible), grid and block size, occupancy
+on the package's board (`Board.occupancy`), FLOPs and bytes moved (counted in the lowered TIR
+at compile time by `edgeflow.compile.kernel_stats`), and the roofline time on the board
+(`Board.roofline_seconds`). The roofline times, times the launches per inference, add
 up to a predicted frame time: a prediction from datasheet peaks, not a measurement (there is no
 board here; launch overheads and caches are not modelled). Kernels of our hand-written
 operators (correlation, warp) carry the operator's name. CPU packages: target, precision,
@@ -61,6 +63,7 @@ def kernel_report(kernel: dict, board) -> dict:
          "registers": kernel["registers"], "spill_stores": kernel["spill_stores"], "spill_loads": kernel["spill_loads"],
          "shared_bytes": kernel["shared_bytes"], "stack_bytes": kernel.get("stack_bytes", 0),
          "flops": kernel.get("flops"), "flops_fp16": kernel.get("flops_fp16", 0), "bytes": kernel.get("bytes"),
+         "sass": kernel.get("sass"), "units": units(kernel.get("sass")),
          "occupancy": None, "blocks_per_sm": None, "limited_by": None, "roofline_us": None, "bound": None}
     if k["threads_per_block"]:
         occ = board.occupancy(k["registers"], k["threads_per_block"], k["shared_bytes"])
@@ -71,6 +74,17 @@ def kernel_report(kernel: dict, board) -> dict:
     return k
 
 
+def units(sass: dict | None) -> str | None:
+    """Where a kernel's arithmetic runs, from the instruction counts of its SASS: "tensor core",
+    "dp4a", "fma" (FFMA/HFMA2 only), "other" (none of those), None (SASS not read)."""
+    if sass is None:
+        return None
+    for name, unit in (("tensor_core", "tensor core"), ("dp4a", "dp4a")):
+        if sass.get(name):
+            return unit
+    return "fma" if sass.get("ffma") or sass.get("hfma2") else "other"
+
+
 def summary(kernels: list[dict], board) -> dict:
     """Totals over the kernels: counts, worst resources, work per inference and the predicted
     frame time and fps on `board` (None when a kernel lacks statistics)."""
@@ -79,6 +93,7 @@ def summary(kernels: list[dict], board) -> dict:
            "spill_bytes": sum(k["spill_stores"] + k["spill_loads"] for k in kernels),
            "max_shared_bytes": max((k["shared_bytes"] for k in kernels), default=0),
            "hand_written": sorted({k["op"] for k in kernels if k["op"]}),
+           "convolutions": _convolutions(kernels),
            "flops": None, "bytes": None, "predicted_ms": None, "predicted_fps": None}
     if kernels and all(k["roofline_us"] is not None for k in kernels):
         ms = sum(k["roofline_us"] * k["launches"] for k in kernels) / 1e3
@@ -117,6 +132,12 @@ def format_report(report: dict) -> str:
     lines += ["", f"summary: {s['kernels']} kernels ({s['launches']} launches per inference), max registers "
                   f"{s['max_registers']}, total spills {s['spill_bytes']} B, max shared memory "
                   f"{_size(s['max_shared_bytes'])}{hand}"]
+    conv = s["convolutions"]
+    if conv is None:
+        lines.append("tensor cores: unknown (the SASS was not read at compile time: `make sass-tools`, sm_75 or newer)")
+    else:
+        lines.append(f"tensor cores (from the SASS): {conv['tensor_core_kernels']} of {conv['kernels']} convolution "
+                     f"kernels, {conv['tensor_core_flops_share']:.0%} of their FLOPs")
     if s["predicted_ms"] is not None:
         lines.append(f"{PREDICTION}: {s['predicted_ms']:.3f} ms per inference = {s['predicted_fps']} fps on "
                      f"{b['name']} ({s['flops'] / 1e9:.3f} GFLOP, {s['bytes'] / 1e6:.2f} MB; roofline sum, "
@@ -126,20 +147,33 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _convolutions(kernels: list[dict]) -> dict | None:
+    """Convolution kernels, those on tensor cores (read from the SASS) and their share of the
+    convolutions' FLOPs; None when the SASS of the package was not read."""
+    convs = [k for k in kernels if "conv2d" in k["name"]]
+    if not convs or any(k["units"] is None for k in convs):
+        return None
+    tc = [k for k in convs if k["units"] == "tensor core"]
+    total = sum((k["flops"] or 0) * k["launches"] for k in convs)
+    return {"kernels": len(convs), "tensor_core_kernels": len(tc),
+            "tensor_core_flops_share": round(sum((k["flops"] or 0) * k["launches"] for k in tc) / total, 4)
+            if total else None}
+
+
 NAME_WIDTH = 50  # longer (fused) kernel names are shortened in the table, not in the JSON
 
 
 def _kernel_table(kernels: list[dict]) -> list[str]:
     width = min(NAME_WIDTH, max([len(k["name"]) for k in kernels] + [6]))
     head = (f"{'kernel':<{width}} {'op':<11} {'calls':>5} {'grid':>9} {'block':>8} {'regs':>4} {'spill':>5} "
-            f"{'smem':>7} {'occ':>4} {'limit':<6} {'MFLOP':>9} {'kB':>8} {'us':>9} bound")
+            f"{'smem':>7} {'occ':>4} {'limit':<6} {'units':<11} {'MFLOP':>9} {'kB':>8} {'us':>9} bound")
     rows = [head]
     for k in kernels:
         occ = f"{k['occupancy']:.0%}" if k["occupancy"] is not None else "-"
         name = k["name"] if len(k["name"]) <= width else k["name"][:width - 3] + "..."
         rows.append(f"{name:<{width}} {k['op'] or '-':<11} {k['launches']:>5} {_dims(k['grid']):>9} "
                     f"{_dims(k['block']):>8} {k['registers']:>4} {k['spill_stores'] + k['spill_loads']:>5} "
-                    f"{k['shared_bytes']:>7} {occ:>4} {_limit(k['limited_by']):<6} "
+                    f"{k['shared_bytes']:>7} {occ:>4} {_limit(k['limited_by']):<6} {k['units'] or '?':<11} "
                     f"{_num(k['flops'], 1e6, '.2f'):>9} {_num(k['bytes'], 1e3, '.1f'):>8} "
                     f"{_num(k['roofline_us'], 1, '.2f'):>9} {k['bound'] or '-'}")
     return rows

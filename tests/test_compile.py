@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgeflow.errors import InputError
+from edgeflow.inspect import inspect_package
 
 pytestmark = pytest.mark.tvm
 SIZE = (64, 128)
@@ -54,6 +55,10 @@ def test_jetson_package_is_aarch64_with_sm87_cubin(jetson_package, tmp_path):
     assert kernels and all(k["spill_stores"] == 0 and k["spill_loads"] == 0 for k in kernels)
     assert all(k["registers"] <= 255 for k in kernels)
     assert cubin_cuda_release(cubin) == "12.6"  # what ptxas really ran, not what the table says
+    convs = [k for k in kernels if "conv2d" in k["name"]]
+    if all(k["sass"] is not None for k in kernels):  # read with `make sass-tools`
+        assert all(k["sass"]["tensor_core"] == 0 for k in kernels)  # fp32: no tensor cores
+        assert all(k["sass"]["ffma"] > 0 for k in convs)
     if shutil.which("file"):
         assert "aarch64" in subprocess.run(["file", str(tmp_path / "lib/model.so")], capture_output=True,
                                            text=True).stdout
@@ -98,6 +103,7 @@ def test_xavier_package_uses_cuda_11_8(tmp_path):
         cubin = tar.extractfile("lib/kernels.cubin").read()
     assert int.from_bytes(cubin[48:52], "little") & 0xFF == 72
     assert cubin_cuda_release(cubin) == "11.8"
+    assert all(k["sass"] is None for k in manifest["kernels"])  # no disassembler reads sm_72 here
 
 
 def test_fp16_jetson_package(tmp_path):
@@ -117,6 +123,14 @@ def test_fp16_jetson_package(tmp_path):
     assert {params[n].dtype for n in params.files if n.endswith("weight")} == {np.dtype("float16")}
     assert set(params.files) == set(manifest["params"]["order"])
     assert sum(k["flops_fp16"] for k in manifest["kernels"]) > 0  # half arithmetic on the device
+    from edgeflow.compile import sass
+
+    if sass.cuobjdump() is not None:
+        units = {k["name"]: k["sass"] for k in manifest["kernels"]}
+        tensor = [n for n, c in units.items() if c["tensor_core"] > 0]
+        assert tensor and all("conv2d" in n for n in tensor), tensor
+        report = inspect_package(path)["summary"]["convolutions"]
+        assert report["tensor_core_kernels"] == len(tensor) and 0 < report["tensor_core_flops_share"] <= 1
 
 
 def test_host_compile_matches_torch(tmp_path):
