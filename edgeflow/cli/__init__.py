@@ -2,7 +2,8 @@
 
 Every error prints one line `Error: ...` and exits with a code from `edgeflow.errors`: the
 error's own for EdgeflowError, 2 for usage errors, 1 (internal) for anything else. The traceback
-is printed only under `edgeflow --debug ...` or EDGEFLOW_DEBUG=1. Heavy imports (torch, TVM, OpenCV) happen inside the commands, so `edgeflow --help` is fast.
+is printed only under `edgeflow --debug ...` or EDGEFLOW_DEBUG=1. Heavy imports (torch, TVM,
+OpenCV) happen inside the commands, so `edgeflow --help` is fast.
 """
 
 from __future__ import annotations
