@@ -42,6 +42,7 @@ def clip(tmp_path):
     ("v4l2:///dev/video0", ("v4l2", "/dev/video0")),
     ("v4l2://1", ("v4l2", "1")),
     ("rtsp://cam.local:8554/live", ("rtsp", "rtsp://cam.local:8554/live")),
+    ("http://cam.local:8080/video.mjpg", ("http", "http://cam.local:8080/video.mjpg")),
     ("file://clip.mp4", ("file", "clip.mp4")),
     ("file:///data/clip.mp4", ("file", "/data/clip.mp4")),
     ("/dev/video0", ("v4l2", "/dev/video0")),
@@ -55,8 +56,9 @@ def test_parse_uri(uri, expected):
 
 
 def test_unknown_scheme_lists_schemes():
-    with pytest.raises(InputError, match=r"unknown source scheme 'http://'.*choices: csi://, v4l2://, rtsp://, file://"):
-        open_source("http://example.com/stream")
+    with pytest.raises(InputError, match=r"unknown source scheme 'ftp://'.*choices: csi://, v4l2://, rtsp://, http://, "
+                                         r"https://, file://"):
+        open_source("ftp://example.com/stream")
 
 
 def test_video_file(clip):
