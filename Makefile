@@ -12,14 +12,14 @@ CUDA_11.8 := nvidia-cuda-nvrtc-cu11==11.8.89 nvidia-cuda-nvcc-cu11==11.8.89 \
 CUDA_RELEASES := 12.6 11.8
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cross-compiler $(addprefix cuda-,$(CUDA_RELEASES))
+.PHONY: install test demo bench clean cross-compiler browser $(addprefix cuda-,$(CUDA_RELEASES))
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk, so nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[compile,dev]'
-	$(MAKE) $(addprefix cuda-,$(CUDA_RELEASES)) cross-compiler
+	$(BIN)/pip install --quiet -e '.[compile,runtime,dev]'
+	$(MAKE) $(addprefix cuda-,$(CUDA_RELEASES)) cross-compiler browser
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -32,6 +32,12 @@ cross-compiler:
 	@command -v aarch64-linux-gnu-g++ >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
+
+# Headless chromium and its driver for the daemon's browser test (Debian's packages).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 install: $(STAMP)
 

@@ -22,3 +22,21 @@ def realflow() -> Path:
     if not REALFLOW.is_dir():
         pytest.skip("../shared/realflow is absent")
     return REALFLOW
+
+
+@pytest.fixture(scope="session")
+def host_package(tmp_path_factory) -> Path:
+    """A small host package (flownet2-s, seeded random weights, 64x128, fp32) compiled once per
+    session, for the streaming and daemon tests; packages extract into a per-session cache."""
+    import os
+
+    import torch
+
+    from edgeflow.compile import compile
+    from edgeflow.models import create
+
+    os.environ.setdefault("EDGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.manual_seed(7)
+    model = create("flownet2-s", weights=None)
+    out = tmp_path_factory.mktemp("host-pkg") / "flownet2-s-host-64x128.tar"
+    return compile(model, target="host", input_size=(64, 128), precision="fp32", out=out)
