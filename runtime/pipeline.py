@@ -125,8 +125,9 @@ class Stream:
         live = getattr(self.source, "live", False)
         if self._owns_source and live:  # wakes a capture waiting to reopen a camera
             self.source.close()
+        deadline = time.monotonic() + 1.5  # a stage busy in a long inference is left to finish alone
         for t in self._threads:
-            t.join(timeout=2.0)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._owns_source and not live:
             self.source.close()
         self._finish_sinks(abort)

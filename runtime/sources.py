@@ -332,6 +332,15 @@ def has_gstreamer() -> bool:
                for line in cv2.getBuildInformation().splitlines())
 
 
+def opencv_info() -> dict:
+    """Which OpenCV this process loaded: {"version", "path" (of the module), "gstreamer",
+    "ffmpeg" (bools: backends built in)}. PyPI's wheels have no GStreamer; JetPack's has."""
+    backends = {line.split(":")[0].strip(): "YES" in line for line in cv2.getBuildInformation().splitlines()
+                if line.strip().startswith(("GStreamer:", "FFMPEG:"))}
+    return {"version": cv2.__version__, "path": os.path.dirname(getattr(cv2, "__file__", "") or ""),
+            "gstreamer": backends.get("GStreamer", False), "ffmpeg": backends.get("FFMPEG", False)}
+
+
 def _file_source(location: str, uri: str) -> Source:
     path = os.path.expanduser(location)
     if glob.has_magic(path):
