@@ -204,3 +204,30 @@ def test_real_v4l2_device_that_does_not_exist():
     assert src.live
     with pytest.raises(InputError, match="v4l2:///dev/video-edgeflow-absent: cannot open; gave up after 1"):
         next(src)
+
+
+def test_loop_starts_a_file_source_again(png_dir):
+    src = open_source(f"file://{png_dir}", loop=True)
+    assert [int(next(src)[0, 0, 0]) for _ in range(7)] == [20, 40, 200, 20, 40, 200, 20]
+    assert src.passes == 3 and not src.live
+    src.close()
+    assert list(src) == []
+
+
+def test_unlimited_backoff_state_and_close_from_another_thread():
+    """Backoff(attempts=None) never gives up; `state` tells the loss; close() ends the wait at once."""
+    import threading
+    import time
+
+    camera = FlakyCamera(fail_opens=10**9, per_open=1)
+    src = LiveSource(camera, "v4l2:///dev/video9", Backoff(attempts=None, initial=30.0))
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(next(src, "ended")))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while src.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert src.state == "lost: cannot open" and src.failures == 1
+    src.close()
+    reader.join(timeout=2)
+    assert not reader.is_alive() and outcome == ["ended"]
