@@ -1,17 +1,21 @@
 """Pipeline fps against network fps, in one run, on one package and one clip.
 
-    python bench/pipeline.py [PACKAGE] [--size 256x320] [--frames 60] [--clip-size 480x640] [--viewers 0,20] [--json]
+    python bench/pipeline.py [PACKAGE] [--size 256x320] [--frames 60] [--clip-size 480x640] [--rounds 3]
+                             [--viewers 0,20] [--json]
 
 Without PACKAGE, flownet2-s with random weights (speed does not depend on them) is compiled for
 the host at --size into out/bench/. The clip (generated, PNG, --clip-size) is streamed from disk:
 "network" is `engine.run_tensor` alone, pair after pair on prepared inputs; "pipeline" is
 `engine.stream(file source)` end to end (decoding, preprocessing, network, postprocessing in their
 threads); "sequential" the same stages one after another in one thread, for reference. The ratio
-pipeline / network is what the pipelining keeps of the network's speed (1.0: nothing lost).
+pipeline / network is what the pipelining keeps of the network's speed (1.0: nothing lost). The
+three are measured in turn, --rounds times, and the medians reported, so that a change in the
+machine's load hits all three alike (the load average is printed beside them).
 
 With --viewers, the daemon (`edgeflow.runtime.serve`) runs in this process over the looping clip
 and N MJPEG clients read /stream.mjpg on loopback; its network fps (from /status) is reported per
-N, and one client that never reads is added to show the daemon's memory (RSS) stays flat.
+N (the clients run in another process), and one client that never reads is added to show the
+daemon's memory (RSS) stays flat.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -108,26 +113,20 @@ def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[in
     base = url["url"]
     rows = []
 
-    def viewer(stop: threading.Event) -> None:
-        with urllib.request.urlopen(base + "stream.mjpg", timeout=10) as r:
-            while not stop.is_set():
-                r.read(65536)
-
     def network_fps_now() -> float:
         with urllib.request.urlopen(base + "status", timeout=10) as r:
             return json.loads(r.read())["fps"]["network"]
 
     for n in counts:
-        stop = threading.Event()
-        threads = [threading.Thread(target=viewer, args=(stop,), daemon=True) for _ in range(n)]
-        for t in threads:
-            t.start()
+        clients = subprocess.Popen([sys.executable, "-c", VIEWERS, base + "stream.mjpg", str(n)]) if n else None
         time.sleep(seconds / 2)  # the status window fills with results under this load
         samples = []
         for _ in range(5):
             time.sleep(seconds / 10)
             samples.append(network_fps_now())
-        stop.set()
+        if clients is not None:
+            clients.terminate()
+            clients.wait()
         rows.append({"viewers": n, "network_fps": float(np.median(samples))})
         time.sleep(1)
     where = urlsplit(base)
@@ -140,6 +139,19 @@ def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[in
     url["loop"].call_soon_threadsafe(url["stop"].set)
     server.join(10)
     return rows
+
+
+# N threads each reading an MJPEG stream as fast as it comes (argv: URL, N).
+VIEWERS = """
+import sys, threading, urllib.request
+def read():
+    with urllib.request.urlopen(sys.argv[1], timeout=30) as r:
+        while r.read(1 << 20):
+            pass
+threads = [threading.Thread(target=read) for _ in range(int(sys.argv[2]))]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
 
 
 def _serve_in_thread(settings, engine, url, ready) -> None:
@@ -176,6 +188,7 @@ def main() -> None:
     parser.add_argument("--size", default="256x320", help="compiled size when no package is given")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--clip-size", default="480x640")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--viewers", default="", help="e.g. 0,20: MJPEG clients on the daemon")
     parser.add_argument("--seconds", type=float, default=10.0, help="per viewer count")
     parser.add_argument("--json", action="store_true")
@@ -190,11 +203,16 @@ def main() -> None:
     engine = load(package)
     with tempfile.TemporaryDirectory() as d:
         frames = write_clip(Path(d), args.frames, clip_size)
-        net = network_fps(engine, frames)
-        seq = sequential_fps(engine, Path(d))
-        pipe, summary = pipeline_fps(engine, Path(d))
+        nets, seqs, pipes = [], [], []
+        for _ in range(args.rounds):
+            nets.append(network_fps(engine, frames))
+            seqs.append(sequential_fps(engine, Path(d)))
+            fps, summary = pipeline_fps(engine, Path(d))
+            pipes.append(fps)
+        net, seq, pipe = (float(np.median(v)) for v in (nets, seqs, pipes))
         result = {"package": str(package), "input": f"{engine.height}x{engine.width}",
                   "clip": f"{args.frames} frames {clip_size[0]}x{clip_size[1]} PNG", "cpus": os.cpu_count(),
+                  "load_average": os.getloadavg()[0], "rounds": args.rounds,
                   "network_fps": net, "sequential_fps": seq, "pipeline_fps": pipe,
                   "pipeline_over_network": pipe / net, "sequential_over_network": seq / net,
                   "pipeline_stage_ms": {k: summary[k] for k in ("capture", "preprocess", "network", "postprocess")}}
@@ -206,7 +224,8 @@ def main() -> None:
         json.dump(result, sys.stdout, indent=2)
         print()
         return
-    print(f"{result['package']} ({result['input']}), {result['clip']}, {result['cpus']} CPUs")
+    print(f"{result['package']} ({result['input']}), {result['clip']}, {result['cpus']} CPUs, "
+          f"load average {result['load_average']:.1f}, medians of {args.rounds} rounds")
     print(f"network    {net:7.2f} fps")
     print(f"sequential {seq:7.2f} fps  ({seq / net:.2f} of network)")
     print(f"pipeline   {pipe:7.2f} fps  ({pipe / net:.2f} of network)")
