@@ -96,8 +96,10 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[int], seconds: float) -> list[dict]:
-    """Network fps of the daemon with N MJPEG viewers each, plus one viewer that never reads."""
+def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[int], seconds: float,
+                         rounds: int) -> dict:
+    """The daemon's network fps with each number of MJPEG viewers (counts taken in turn, `rounds`
+    times, medians), and its RSS over `seconds` without, then with, a viewer that never reads."""
     import socket
     import urllib.request
     from urllib.parse import urlsplit
@@ -111,34 +113,39 @@ def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[in
     server.start()
     ready.wait(60)
     base = url["url"]
-    rows = []
+    samples: dict[int, list[float]] = {n: [] for n in counts}
 
-    def network_fps_now() -> float:
+    def status() -> dict:
         with urllib.request.urlopen(base + "status", timeout=10) as r:
-            return json.loads(r.read())["fps"]["network"]
+            return json.loads(r.read())
 
-    for n in counts:
-        clients = subprocess.Popen([sys.executable, "-c", VIEWERS, base + "stream.mjpg", str(n)]) if n else None
-        time.sleep(seconds / 2)  # the status window fills with results under this load
-        samples = []
-        for _ in range(5):
-            time.sleep(seconds / 10)
-            samples.append(network_fps_now())
-        if clients is not None:
-            clients.terminate()
-            clients.wait()
-        rows.append({"viewers": n, "network_fps": float(np.median(samples))})
-        time.sleep(1)
-    where = urlsplit(base)
-    stuck = socket.create_connection((where.hostname, where.port))
-    stuck.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")  # never reads
-    before = rss_mb()
-    time.sleep(seconds)
-    rows.append({"stuck_viewer_rss_mb_before": before, "stuck_viewer_rss_mb_after": rss_mb()})
-    stuck.close()
+    for _ in range(rounds):
+        for n in counts:
+            clients = subprocess.Popen([sys.executable, "-c", VIEWERS, base + "stream.mjpg", str(n)]) if n else None
+            time.sleep(seconds / 2)  # the status window fills with results under this load
+            for _ in range(5):
+                time.sleep(seconds / 10)
+                samples[n].append(status()["fps"]["network"])
+            if clients is not None:
+                clients.terminate()
+                clients.wait()
+    out = {"network_fps_by_viewers": {n: float(np.median(v)) for n, v in samples.items()}}
+    rss = {}
+    for label in ("without", "with"):
+        stuck = None
+        if label == "with":
+            where = urlsplit(base)
+            stuck = socket.create_connection((where.hostname, where.port))
+            stuck.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+        before, frames = rss_mb(), status()["frames"]
+        time.sleep(seconds)
+        rss[label] = {"rss_mb_before": before, "rss_mb_after": rss_mb(), "flow_fields": status()["frames"] - frames}
+        if stuck is not None:
+            stuck.close()
+    out["stuck_viewer"] = rss
     url["loop"].call_soon_threadsafe(url["stop"].set)
     server.join(10)
-    return rows
+    return out
 
 
 # N threads each reading an MJPEG stream as fast as it comes (argv: URL, N).
@@ -217,9 +224,9 @@ def main() -> None:
                   "pipeline_over_network": pipe / net, "sequential_over_network": seq / net,
                   "pipeline_stage_ms": {k: summary[k] for k in ("capture", "preprocess", "network", "postprocess")}}
         if args.viewers:
-            rows = daemon_under_viewers(engine, package, Path(d), [int(n) for n in args.viewers.split(",")],
-                                        args.seconds)
-            result["daemon"] = rows
+            result["daemon"] = daemon_under_viewers(engine, package, Path(d),
+                                                    [int(n) for n in args.viewers.split(",")], args.seconds,
+                                                    args.rounds)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
@@ -229,8 +236,14 @@ def main() -> None:
     print(f"network    {net:7.2f} fps")
     print(f"sequential {seq:7.2f} fps  ({seq / net:.2f} of network)")
     print(f"pipeline   {pipe:7.2f} fps  ({pipe / net:.2f} of network)")
-    for row in result.get("daemon", []):
-        print("daemon", row)
+    daemon = result.get("daemon")
+    if daemon:
+        by = daemon["network_fps_by_viewers"]
+        for n, fps in by.items():
+            print(f"daemon, {n:3d} MJPEG viewers: network {fps:6.2f} fps ({fps / by[min(by)]:.2f} of {min(by)} viewers)")
+        for label, r in daemon["stuck_viewer"].items():
+            print(f"daemon, {label} a viewer that never reads, {args.seconds:.0f} s: RSS {r['rss_mb_before']:.0f} -> "
+                  f"{r['rss_mb_after']:.0f} MB, {r['flow_fields']} flow fields")
 
 
 if __name__ == "__main__":

@@ -144,3 +144,17 @@ def test_close_wakes_a_live_source_waiting_to_reopen(engine):
     t0 = time.monotonic()
     stream.close()
     assert time.monotonic() - t0 < 2.0
+
+
+def test_cli_run_loops_a_file_source_into_two_sinks(host_package, clip, tmp_path, capsys):
+    from edgeflow import read_flow
+    from edgeflow.cli import main
+
+    d, frames, _ = clip
+    out, video = tmp_path / "flows", tmp_path / "flow.avi"
+    assert main(["run", str(host_package), f"file://{d}", "--loop", "--max-frames", "10",
+                 "-o", str(out), "-o", f"file://{video}"]) == 0
+    assert len(list(out.glob("*.flo"))) == 10 and video.is_file()
+    assert read_flow(out / "flow_00009.flo").shape == (72, 112, 2)
+    line = capsys.readouterr().out
+    assert line.startswith(f"10 flow fields from file://{d} -> {out}, file://{video}: pipeline")
