@@ -139,21 +139,44 @@ def test_status_flow_and_page(looping):
     assert (code, body) == (200, b"ok\n")
 
 
+def read_jpegs(response, count: int) -> list[np.ndarray]:
+    jpegs = []
+    while len(jpegs) < count:
+        assert response.readline() == b"--frame\r\n"
+        head = {}
+        while (line := response.readline().strip()):
+            key, _, value = line.decode().partition(":")
+            head[key.lower()] = value.strip()
+        jpeg = response.read(int(head["content-length"]))
+        assert response.read(2) == b"\r\n" and head["content-type"] == "image/jpeg"
+        jpegs.append(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR))
+    return jpegs
+
+
 def test_mjpeg_stream_sends_new_jpegs(looping):
     with urllib.request.urlopen(looping.url + "stream.mjpg", timeout=10) as r:
         assert r.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
-        jpegs = []
-        while len(jpegs) < 3:
-            assert r.readline() == b"--frame\r\n"
-            head = {}
-            while (line := r.readline().strip()):
-                key, _, value = line.decode().partition(":")
-                head[key.lower()] = value.strip()
-            jpeg = r.read(int(head["content-length"]))
-            assert r.read(2) == b"\r\n" and head["content-type"] == "image/jpeg"
-            jpegs.append(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR))
+        jpegs = read_jpegs(r, 3)
     assert all(j.shape == (72, 224, 3) for j in jpegs)  # camera | flow
     assert any(not np.array_equal(jpegs[0], j) for j in jpegs[1:])
+
+
+def test_each_preview_is_encoded_once_for_all_viewers(looping):
+    viewers = [urllib.request.urlopen(looping.url + "stream.mjpg", timeout=10) for _ in range(4)]
+    try:
+        looping.wait_for(lambda: looping.status()["viewers"] >= 4, "four viewers")
+        s0 = looping.status()
+        threads = [threading.Thread(target=read_jpegs, args=(v, 5)) for v in viewers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        s1 = looping.status()
+    finally:
+        for v in viewers:
+            v.close()
+    encoded = s1["previews_encoded"] - s0["previews_encoded"]
+    assert 2 <= encoded <= s1["frames"] - s0["frames"] + 1  # at most one per flow field, not one per viewer
 
 
 def test_metrics_parse(looping):

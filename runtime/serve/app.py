@@ -98,7 +98,7 @@ async def _mjpeg(request: web.Request) -> web.StreamResponse:
             if count == sent:
                 await hub.wait()
                 continue
-            count, jpeg = await loop.run_in_executor(None, daemon.preview_jpeg)
+            count, jpeg = daemon.cached_preview() or await loop.run_in_executor(None, daemon.preview_jpeg)
             if jpeg is None:
                 await hub.wait()
                 continue

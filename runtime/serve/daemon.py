@@ -119,6 +119,8 @@ class Daemon:
         self.state = "starting"  # starting, streaming, ended, failed, stopped
         self.reason = ""
         self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()  # one preview encoding at a time: the others then find it cached
+        self.previews_encoded = 0
         self._latest = None  # the last Result
         self._last_at = 0.0  # time.monotonic() of it
         self._count = 0
@@ -185,23 +187,32 @@ class Daemon:
 
     def preview_jpeg(self) -> tuple[int, bytes | None]:
         """(count, JPEG) of the latest result: camera and colour flow side by side. Encoded once
-        per result whoever asks first; call it off the event loop (it takes milliseconds)."""
-        with self._lock:
-            count, result, cached = self._count, self._latest, self._jpeg
-        if result is None:
-            return 0, None
-        if cached is not None and cached[0] == count:
-            return cached
+        per result, by whoever asks first; call it off the event loop (it takes milliseconds)."""
         from edgeflow.visualize import flow_to_color
 
-        halves = [_fit(result.frame, self.settings.preview_width), _fit(flow_to_color(result.flow),
-                                                                       self.settings.preview_width)]
-        ok, jpeg = cv2.imencode(".jpg", np.hstack(halves), [cv2.IMWRITE_JPEG_QUALITY, int(self.settings.jpeg_quality)])
-        encoded = (count, jpeg.tobytes() if ok else None)
+        with self._encode_lock:
+            cached = self.cached_preview()
+            if cached is not None:
+                return cached
+            with self._lock:
+                count, result = self._count, self._latest
+            if result is None:
+                return 0, None
+            halves = [_fit(result.frame, self.settings.preview_width),
+                      _fit(flow_to_color(result.flow), self.settings.preview_width)]
+            ok, jpeg = cv2.imencode(".jpg", np.hstack(halves),
+                                    [cv2.IMWRITE_JPEG_QUALITY, int(self.settings.jpeg_quality)])
+            self.previews_encoded += 1
+            with self._lock:
+                self._jpeg = (count, jpeg.tobytes() if ok else None)
+                return self._jpeg
+
+    def cached_preview(self) -> tuple[int, bytes | None] | None:
+        """(count, JPEG) of the latest result when it is already encoded, else None (no waiting)."""
         with self._lock:
-            if self._jpeg is None or self._jpeg[0] < count:
-                self._jpeg = encoded
-        return encoded
+            if self._jpeg is not None and self._jpeg[0] == self._count:
+                return self._jpeg
+        return None
 
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): healthy while flow fields come; the reason says why not."""
@@ -249,7 +260,7 @@ class Daemon:
             "source": {"uri": src.uri, "live": bool(src.live), "state": source_state,
                        "up": source_state == "streaming" and self.state == "streaming",
                        "reconnects": int(getattr(src, "reopens", 0)), "failures": int(getattr(src, "failures", 0))},
-            "viewers": self.viewers,
+            "viewers": self.viewers, "previews_encoded": self.previews_encoded,
             "package": {"model": m["model"].get("name"), "input": f"{self.engine.height}x{self.engine.width}",
                         "precision": m.get("precision"), "target": m["target"].get("name"), "device": self.engine.device},
             "opencv": self.opencv,

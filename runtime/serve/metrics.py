@@ -48,7 +48,9 @@ class _DaemonCollector:
         counters = [("edgeflow_frames", "Flow fields computed (frame pairs)", s["frames"]),
                     ("edgeflow_frames_dropped", "Frames dropped by the latest-frame-wins policy", s["dropped"]),
                     ("edgeflow_source_reconnects", "Successful reopens of a lost live source", src["reconnects"]),
-                    ("edgeflow_source_failures", "Failed reads or opens of the source", src["failures"])]
+                    ("edgeflow_source_failures", "Failed reads or opens of the source", src["failures"]),
+                    ("edgeflow_previews_encoded", "Preview JPEGs encoded (once per flow field watched)",
+                     s["previews_encoded"])]
         for name, doc, value in counters:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], value)
