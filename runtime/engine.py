@@ -62,12 +62,13 @@ class Engine:
         flow = self.run_tensor(self.prepare(img1), self.prepare(img2))
         return self.finish(flow, img1.shape[:2])
 
-    def prepare(self, img: np.ndarray) -> np.ndarray:
-        """uint8 BGR/gray HxW[x3] -> new array [1,3,H_net,W_net] RGB in [0,1] of the input dtype."""
+    def prepare(self, img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 BGR/gray HxW[x3] -> array [1,3,H_net,W_net] RGB in [0,1] of the input dtype (`out`,
+        e.g. a page-locked buffer, or a new array)."""
         img = check_image(img)
         img = resize(img, self.height, self.width)
         rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
-        x = np.empty((1, 3, self.height, self.width), self.input_dtype)
+        x = np.empty((1, 3, self.height, self.width), self.input_dtype) if out is None else out
         np.multiply(rgb.transpose(2, 0, 1), np.float32(1 / 255), out=x[0], casting="unsafe")
         return x
 

@@ -6,8 +6,9 @@ jetson-utils times them.
 Each queue holds at most `queue_size` items, so nothing grows without bound. A live source
 (camera, network stream) never waits for the network: when the first queue is full the oldest
 frame is dropped (latest frame wins) and counted in `Stream.dropped`; a file source is never
-dropped from, the capture waits instead. Each frame is prepared once and reused as the first
-image of the next pair. Timings are milliseconds per result: "capture" (waiting for the source),
+dropped from, the capture waits instead. Each frame is prepared once, into the next buffer of a
+ring (page-locked memory for CUDA engines where pycuda works: `edgeflow.runtime.buffers`), and
+reused as the first image of the next pair. Timings are milliseconds per result: "capture" (waiting for the source),
 "preprocess" (converting and resizing the second frame), "network" (inputs in, inference, flow
 out) and "postprocess" (resizing and scaling the flow, then the sinks). `network_fps` is
 1000 / network ms; `pipeline_fps` the rate at which results leave the pipeline.
@@ -60,6 +61,7 @@ class Stream:
 
     def __init__(self, engine, source, *, sinks: Iterable = (), max_frames: int | None = None,
                  queue_size: int = 2, drop: bool | None = None, **source_kw):
+        from edgeflow.runtime.buffers import BufferRing
         from edgeflow.runtime.sinks import open_sink
         from edgeflow.runtime.sources import open_source
 
@@ -87,6 +89,8 @@ class Stream:
         self.ended = False  # the source reached its end (or max_frames): no more results
         self._stop = threading.Event()
         self._queues = [queue.Queue(queue_size) for _ in range(4)]
+        # Prepared frames in flight: one in preprocess, `queue_size` queued, two in the network.
+        self._buffers = BufferRing.for_engine(engine, queue_size + 4)
         self._closed = False
         self._error: BaseException | None = None  # the first failure of a stage, raised to the caller
         stages = (self._capture, self._preprocess, self._network, self._postprocess)
@@ -175,7 +179,7 @@ class Stream:
     def _preprocess(self) -> None:
         while (item := self._pass_on(0, 1)) is not None:
             t0 = time.perf_counter()
-            item.x = self.engine.prepare(item.image)
+            item.x = self.engine.prepare(item.image, out=self._buffers.next())
             item.timings["preprocess"] = (time.perf_counter() - t0) * 1e3
             self._put(1, item)
 
