@@ -1,7 +1,7 @@
 """Pipeline fps against network fps, in one run, on one package and one clip.
 
     python bench/pipeline.py [PACKAGE] [--size 256x320] [--frames 60] [--clip-size 480x640] [--rounds 3]
-                             [--viewers 0,20] [--json]
+                             [--viewers 0,20] [--seconds 10] [--stuck-seconds 40] [--json]
 
 Without PACKAGE, flownet2-s with random weights (speed does not depend on them) is compiled for
 the host at --size into out/bench/. The clip (generated, PNG, --clip-size) is streamed from disk:
@@ -97,9 +97,11 @@ def rss_mb() -> float:
 
 
 def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[int], seconds: float,
-                         rounds: int) -> dict:
+                         rounds: int, stuck_seconds: float) -> dict:
     """The daemon's network fps with each number of MJPEG viewers (counts taken in turn, `rounds`
-    times, medians), and its RSS over `seconds` without, then with, a viewer that never reads."""
+    times, medians, `seconds` each), and its RSS and the bytes waiting in viewers' transports
+    over `stuck_seconds` without, then with, a viewer that never reads (long enough to fill the
+    kernel's socket buffers, after which only awaited writes keep the daemon's memory flat)."""
     import socket
     import urllib.request
     from urllib.parse import urlsplit
@@ -137,9 +139,13 @@ def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[in
             where = urlsplit(base)
             stuck = socket.create_connection((where.hostname, where.port))
             stuck.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
-        before, frames = rss_mb(), status()["frames"]
-        time.sleep(seconds)
-        rss[label] = {"rss_mb_before": before, "rss_mb_after": rss_mb(), "flow_fields": status()["frames"] - frames}
+        before, frames, buffered = rss_mb(), status()["frames"], 0
+        deadline = time.monotonic() + stuck_seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            buffered = max(buffered, status()["mjpeg_buffered_bytes"])
+        rss[label] = {"rss_mb_before": before, "rss_mb_after": rss_mb(), "flow_fields": status()["frames"] - frames,
+                      "max_buffered_bytes": buffered}
         if stuck is not None:
             stuck.close()
     out["stuck_viewer"] = rss
@@ -198,6 +204,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--viewers", default="", help="e.g. 0,20: MJPEG clients on the daemon")
     parser.add_argument("--seconds", type=float, default=10.0, help="per viewer count")
+    parser.add_argument("--stuck-seconds", type=float, default=40.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("EDGEFLOW_CACHE", tempfile.mkdtemp(prefix="edgeflow-bench-"))
@@ -226,7 +233,7 @@ def main() -> None:
         if args.viewers:
             result["daemon"] = daemon_under_viewers(engine, package, Path(d),
                                                     [int(n) for n in args.viewers.split(",")], args.seconds,
-                                                    args.rounds)
+                                                    args.rounds, args.stuck_seconds)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
@@ -242,8 +249,9 @@ def main() -> None:
         for n, fps in by.items():
             print(f"daemon, {n:3d} MJPEG viewers: network {fps:6.2f} fps ({fps / by[min(by)]:.2f} of {min(by)} viewers)")
         for label, r in daemon["stuck_viewer"].items():
-            print(f"daemon, {label} a viewer that never reads, {args.seconds:.0f} s: RSS {r['rss_mb_before']:.0f} -> "
-                  f"{r['rss_mb_after']:.0f} MB, {r['flow_fields']} flow fields")
+            print(f"daemon, {label} a viewer that never reads, {args.stuck_seconds:.0f} s: RSS {r['rss_mb_before']:.0f} -> "
+                  f"{r['rss_mb_after']:.0f} MB, {r['flow_fields']} flow fields, at most {r['max_buffered_bytes']} "
+                  "bytes waiting in the viewers' transports")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ async def _mjpeg(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
                                            "Cache-Control": "no-cache, no-store", "Pragma": "no-cache"})
     await response.prepare(request)
-    daemon.viewers += 1
+    transport = request.transport
+    daemon.viewer_transports.add(transport)
     sent = -1
     try:
         while not hub.closed:
@@ -108,7 +109,7 @@ async def _mjpeg(request: web.Request) -> web.StreamResponse:
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:
-        daemon.viewers -= 1
+        daemon.viewer_transports.discard(transport)
     return response
 
 

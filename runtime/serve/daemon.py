@@ -115,7 +115,7 @@ class Daemon:
                                   framerate=settings.framerate, flip=settings.flip, loop=settings.loop)
         self.started = time.time()
         self.on_result: Callable[[], None] | None = None
-        self.viewers = 0
+        self.viewer_transports: set = set()  # of the /stream.mjpg responses (event loop only)
         self.state = "starting"  # starting, streaming, ended, failed, stopped
         self.reason = ""
         self._lock = threading.Lock()
@@ -236,7 +236,7 @@ class Daemon:
         return True, "ok"
 
     def status(self) -> dict:
-        """The JSON of /status (also what /metrics reads)."""
+        """The JSON of /status (also what /metrics reads); call it in the event loop."""
         healthy, reason = self.health()
         count, result = self.latest()
         with self._lock:
@@ -260,7 +260,8 @@ class Daemon:
             "source": {"uri": src.uri, "live": bool(src.live), "state": source_state,
                        "up": source_state == "streaming" and self.state == "streaming",
                        "reconnects": int(getattr(src, "reopens", 0)), "failures": int(getattr(src, "failures", 0))},
-            "viewers": self.viewers, "previews_encoded": self.previews_encoded,
+            "viewers": len(self.viewer_transports), "previews_encoded": self.previews_encoded,
+            "mjpeg_buffered_bytes": sum(t.get_write_buffer_size() for t in self.viewer_transports if not t.is_closing()),
             "package": {"model": m["model"].get("name"), "input": f"{self.engine.height}x{self.engine.width}",
                         "precision": m.get("precision"), "target": m["target"].get("name"), "device": self.engine.device},
             "opencv": self.opencv,

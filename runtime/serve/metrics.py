@@ -63,6 +63,8 @@ class _DaemonCollector:
                   ("edgeflow_network_fps", "Flow fields per second the network alone would give (recent)",
                    s["fps"]["network"]),
                   ("edgeflow_mjpeg_clients", "Viewers of /stream.mjpg", s["viewers"]),
+                  ("edgeflow_mjpeg_buffered_bytes", "Bytes written to MJPEG viewers and not yet sent",
+                   s["mjpeg_buffered_bytes"]),
                   ("edgeflow_start_time_seconds", "Start of the daemon, Unix seconds", s["started"])]
         for name, doc, value in gauges:
             g = GaugeMetricFamily(name, doc)
