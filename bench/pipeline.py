@@ -247,9 +247,11 @@ def main() -> None:
     if daemon:
         by = daemon["network_fps_by_viewers"]
         for n, fps in by.items():
-            print(f"daemon, {n:3d} MJPEG viewers: network {fps:6.2f} fps ({fps / by[min(by)]:.2f} of {min(by)} viewers)")
+            print(f"daemon, {n:3d} MJPEG viewers: network {fps:6.2f} fps "
+                  f"({fps / by[min(by)]:.2f} of {min(by)} viewers)")
         for label, r in daemon["stuck_viewer"].items():
-            print(f"daemon, {label} a viewer that never reads, {args.stuck_seconds:.0f} s: RSS {r['rss_mb_before']:.0f} -> "
+            print(f"daemon, {label} a viewer that never reads, {args.stuck_seconds:.0f} s: "
+                  f"RSS {r['rss_mb_before']:.0f} -> "
                   f"{r['rss_mb_after']:.0f} MB, {r['flow_fields']} flow fields, at most {r['max_buffered_bytes']} "
                   "bytes waiting in the viewers' transports")
 

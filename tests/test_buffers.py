@@ -18,7 +18,8 @@ def test_cuda_without_pycuda_is_a_one_line_hint():
         import pycuda.driver  # noqa: F401
     except ImportError:
         hint = pinned_hint("cuda")
-        assert hint == "pycuda is not installed: plain numpy buffers (pip install 'edgeflow[jetson]' for page-locked ones)"
+        assert hint == ("pycuda is not installed: plain numpy buffers "
+                        "(pip install 'edgeflow[jetson]' for page-locked ones)")
     else:
         pytest.skip("pycuda is installed here")
 

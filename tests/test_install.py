@@ -59,6 +59,7 @@ def test_runtime_extra_pulls_no_torch(tmp_path):
                            "--ignore-installed", "--report", str(report), f"{ROOT}[runtime]"],
                           capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text(encoding="utf-8"))["install"]}
+    installs = json.loads(report.read_text(encoding="utf-8"))["install"]
+    names = {item["metadata"]["name"].lower().replace("_", "-") for item in installs}
     assert {"numpy", "opencv-python-headless", "apache-tvm", "aiohttp", "prometheus-client", "pyzmq"} <= names
     assert not names & {"torch", "h5py", "onnx", "onnxruntime", "xgboost"}, sorted(names)

@@ -59,10 +59,13 @@ class Served:
             line = lines.get(timeout=STARTUP_S)
         except queue.Empty:
             self.stop()
-            raise AssertionError(f"the daemon did not start: {self.log.read_text(encoding="utf-8", errors="replace")[-3000:]}") from None
+            raise AssertionError(f"the daemon did not start: {self.log_text()[-3000:]}") from None
         match = re.search(r"(http://\S+/)", line)
-        assert match, line + self.log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        assert match, line + self.log_text()[-3000:]
         self.url = match.group(1)
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
 
     def get(self, path: str, token: str | None = None, timeout: float = 10.0):
         """(status, headers, body) of GET `path`."""
@@ -86,7 +89,7 @@ class Served:
             value = predicate()
             if value:
                 return value
-            assert self.proc.poll() is None, f"the daemon exited: {self.log.read_text(encoding="utf-8", errors="replace")[-3000:]}"
+            assert self.proc.poll() is None, f"the daemon exited: {self.log_text()[-3000:]}"
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}: {self.get('/status')[2][:2000]!r}")
 
@@ -284,7 +287,7 @@ def test_file_source_ends_systemd_notify_and_sigterm(host_package, clip, tmp_pat
         slow_viewer.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
         time.sleep(0.5)
         assert served.stop() < 2.0
-        assert served.proc.returncode == 0, served.log.read_text(encoding="utf-8", errors="replace")[-2000:]
+        assert served.proc.returncode == 0, served.log_text()[-2000:]
         slow_viewer.close()
         try:
             while True:

@@ -20,7 +20,8 @@ def serve_cmd(
     package: Path = typer.Argument(..., help="Compiled package (.tar) from `edgeflow compile`."),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="Video source URI (csi://0, v4l2:///dev/video0, "
                                                                      "rtsp://..., http://..., file://clip.mp4)."),
-    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; others need a token)."),
+    host: Optional[str] = typer.Option(None, "--host",
+                                       help="Address to bind (default 127.0.0.1; others need a token)."),
     port: Optional[int] = typer.Option(None, "--port", min=0, max=65535, help="TCP port (default 8080; 0: any free)."),
     token: Optional[str] = typer.Option(None, "--token", envvar="EDGEFLOW_TOKEN",
                                         help="Token required on every endpoint but /healthz (Bearer header or "

@@ -28,12 +28,21 @@ BOUNDARY = "frame"
 
 
 class Hub:
-    """Wakes MJPEG handlers when a result arrives (called from the stream thread) or on close."""
+    """Wakes MJPEG handlers when a result arrives (called from the daemon's thread) or on close,
+    and frames each preview as a multipart part once for all of them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.closed = False
         self._event = asyncio.Event()
+        self._part: tuple[int, bytes] = (-1, b"")
+
+    def part(self, count: int, jpeg: bytes) -> bytes:
+        """The multipart part of preview number `count` (its boundary, headers and JPEG)."""
+        if self._part[0] != count:
+            head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+            self._part = (count, head + jpeg + b"\r\n")
+        return self._part[1]
 
     def wake_threadsafe(self) -> None:
         self.loop.call_soon_threadsafe(self._wake)
@@ -103,8 +112,7 @@ async def _mjpeg(request: web.Request) -> web.StreamResponse:
             if jpeg is None:
                 await hub.wait()
                 continue
-            head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
-            await response.write(head + jpeg + b"\r\n")  # awaited: a slow viewer waits here, alone
+            await response.write(hub.part(count, jpeg))  # awaited: a slow viewer waits here, alone
             sent = count
     except (ConnectionError, asyncio.CancelledError):
         pass

@@ -261,9 +261,11 @@ class Daemon:
                        "up": source_state == "streaming" and self.state == "streaming",
                        "reconnects": int(getattr(src, "reopens", 0)), "failures": int(getattr(src, "failures", 0))},
             "viewers": len(self.viewer_transports), "previews_encoded": self.previews_encoded,
-            "mjpeg_buffered_bytes": sum(t.get_write_buffer_size() for t in self.viewer_transports if not t.is_closing()),
+            "mjpeg_buffered_bytes": sum(t.get_write_buffer_size() for t in self.viewer_transports
+                                        if not t.is_closing()),
             "package": {"model": m["model"].get("name"), "input": f"{self.engine.height}x{self.engine.width}",
-                        "precision": m.get("precision"), "target": m["target"].get("name"), "device": self.engine.device},
+                        "precision": m.get("precision"), "target": m["target"].get("name"),
+                        "device": self.engine.device},
             "opencv": self.opencv,
             "started": self.started, "uptime_s": time.time() - self.started,
         }
