@@ -47,8 +47,9 @@ test: install
 demo: install
 	$(BIN)/python -m edgeflow.demo out
 
-# Speed against ONNX Runtime and PyTorch on the same network, size and threads, in one run, and
-# the correlation operator against TOPI and torch; JSON under out/bench/. Random weights: speed
+# Speed against ONNX Runtime and PyTorch on the same network, size and threads, in one run, the
+# pipelined stream against the network alone, and the correlation operator against TOPI and
+# torch; JSON under out/bench/. Random weights: speed
 # does not depend on them. 384x512: the untuned TVM CPU build takes seconds per pair at this size.
 bench: install
 	mkdir -p out/bench
@@ -57,9 +58,11 @@ bench: install
 	$(BIN)/edgeflow bench out/bench/flownet2-s-host-384x512.tar --vs onnxruntime,torch --json \
 	  > out/bench/flownet2-s-host-384x512.json.tmp
 	mv out/bench/flownet2-s-host-384x512.json.tmp out/bench/flownet2-s-host-384x512.json
+	$(BIN)/python bench/pipeline.py out/bench/flownet2-s-host-384x512.tar --json > out/bench/pipeline.json.tmp
+	mv out/bench/pipeline.json.tmp out/bench/pipeline.json
 	$(BIN)/python bench/correlation.py --json > out/bench/correlation.json.tmp
 	mv out/bench/correlation.json.tmp out/bench/correlation.json
-	cat out/bench/flownet2-s-host-384x512.json out/bench/correlation.json
+	cat out/bench/flownet2-s-host-384x512.json out/bench/pipeline.json out/bench/correlation.json
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

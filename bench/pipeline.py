@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,7 @@ def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[in
     ready.wait(60)
     base = url["url"]
     samples: dict[int, list[float]] = {n: [] for n in counts}
+    client_cpu_s: dict[int, float] = dict.fromkeys(counts, 0.0)  # CPU seconds the viewers' process used
 
     def status() -> dict:
         with urllib.request.urlopen(base + "status", timeout=10) as r:
@@ -130,8 +132,12 @@ def daemon_under_viewers(engine, package: Path, directory: Path, counts: list[in
                 samples[n].append(status()["fps"]["network"])
             if clients is not None:
                 clients.terminate()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 clients.wait()
-    out = {"network_fps_by_viewers": {n: float(np.median(v)) for n, v in samples.items()}}
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                client_cpu_s[n] += after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    out = {"network_fps_by_viewers": {n: float(np.median(v)) for n, v in samples.items()},
+           "viewer_process_cpu_s_per_s": {n: client_cpu_s[n] / (rounds * seconds) for n in counts}}
     rss = {}
     for label in ("without", "with"):
         stuck = None
@@ -248,7 +254,8 @@ def main() -> None:
         by = daemon["network_fps_by_viewers"]
         for n, fps in by.items():
             print(f"daemon, {n:3d} MJPEG viewers: network {fps:6.2f} fps "
-                  f"({fps / by[min(by)]:.2f} of {min(by)} viewers)")
+                  f"({fps / by[min(by)]:.2f} of {min(by)} viewers; the viewers' process used "
+                  f"{daemon['viewer_process_cpu_s_per_s'][n]:.2f} CPU s/s)")
         for label, r in daemon["stuck_viewer"].items():
             print(f"daemon, {label} a viewer that never reads, {args.stuck_seconds:.0f} s: "
                   f"RSS {r['rss_mb_before']:.0f} -> "
