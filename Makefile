@@ -10,14 +10,14 @@ CUDA_PINS = $(shell $(PYTHON) -c 'import json,sys; print(" ".join(json.load(open
 CUDA_RELEASES := $(shell $(PYTHON) -c 'import json; print(" ".join(k for k in json.load(open("$(BOARDS)"))["_cuda_releases"] if k[0] != "_"))')
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cross-compiler sass-tools $(addprefix cuda-,$(CUDA_RELEASES))
+.PHONY: install test demo bench clean cross-compiler sass-tools browser $(addprefix cuda-,$(CUDA_RELEASES))
 
 $(STAMP): pyproject.toml Makefile $(BOARDS)
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk, so nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[compile,dev]'
-	$(MAKE) $(addprefix cuda-,$(CUDA_RELEASES)) sass-tools cross-compiler
+	$(BIN)/pip install --quiet -e '.[compile,runtime,dev]'
+	$(MAKE) $(addprefix cuda-,$(CUDA_RELEASES)) sass-tools cross-compiler browser
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -36,6 +36,12 @@ cross-compiler:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
 
+# Headless chromium and its driver for the daemon's browser test (Debian's packages).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 install: $(STAMP)
 
 test: install
@@ -44,8 +50,9 @@ test: install
 demo: install
 	$(BIN)/python -m edgeflow.demo out
 
-# Speed against ONNX Runtime and PyTorch on the same network, size and threads, in one run, and
-# the correlation operator against TOPI and torch; JSON under out/bench/. Random weights: speed
+# Speed against ONNX Runtime and PyTorch on the same network, size and threads, in one run, the
+# pipelined stream against the network alone, and the correlation operator against TOPI and
+# torch; JSON under out/bench/. Random weights: speed
 # does not depend on them. 384x512: the untuned TVM CPU build takes seconds per pair at this size.
 bench: install
 	mkdir -p out/bench
@@ -54,9 +61,11 @@ bench: install
 	$(BIN)/edgeflow bench out/bench/flownet2-s-host-384x512.tar --vs onnxruntime,torch --json \
 	  > out/bench/flownet2-s-host-384x512.json.tmp
 	mv out/bench/flownet2-s-host-384x512.json.tmp out/bench/flownet2-s-host-384x512.json
+	$(BIN)/python bench/pipeline.py out/bench/flownet2-s-host-384x512.tar --json > out/bench/pipeline.json.tmp
+	mv out/bench/pipeline.json.tmp out/bench/pipeline.json
 	$(BIN)/python bench/correlation.py --json > out/bench/correlation.json.tmp
 	mv out/bench/correlation.json.tmp out/bench/correlation.json
-	cat out/bench/flownet2-s-host-384x512.json out/bench/correlation.json
+	cat out/bench/flownet2-s-host-384x512.json out/bench/pipeline.json out/bench/correlation.json
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

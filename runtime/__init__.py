@@ -4,6 +4,7 @@
     flow = engine(img1, img2)                            # uint8 BGR/gray -> float32 HxWx2 pixels
     for r in engine.stream("csi://0"):                   # r.frame, r.flow, r.timings, r.network_fps
         ...
+    engine.stream("file://clip.mp4", sinks=["file://flow.mp4", "zmq://127.0.0.1:5555"]).run()
 
 Imports only numpy, OpenCV and the TVM runtime: no torch, no TVM compiler is needed here.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["load", "Engine", "read_package", "open_source", "stream", "Result"]
+__all__ = ["load", "Engine", "read_package", "open_source", "open_sink", "stream", "Stream", "Result", "Stats"]
 
 
 def load(path: str | os.PathLike, device: str | None = None, *, trusted_keys=None, threads: int | None = None):
@@ -37,7 +38,9 @@ def __getattr__(name: str):  # lazy: `import edgeflow.runtime` stays cheap
         from edgeflow.runtime.format import read_package as value
     elif name == "open_source":
         from edgeflow.runtime.sources import open_source as value
-    elif name in ("stream", "Result"):
+    elif name == "open_sink":
+        from edgeflow.runtime.sinks import open_sink as value
+    elif name in ("stream", "Stream", "Result", "Stats"):
         from edgeflow.runtime import pipeline
 
         value = getattr(pipeline, name)

@@ -73,9 +73,10 @@ class Engine:
         flow = self.run_tensor(self.prepare(img1), self.prepare(img2))
         return self.finish(flow, img1.shape[:2])
 
-    def prepare(self, img: np.ndarray) -> np.ndarray:
-        """uint8 BGR/gray HxW[x3] -> new array [1,3,H_net,W_net] RGB in [0,1] of the input dtype."""
-        return to_input(img, (self.height, self.width), self.input_dtype)
+    def prepare(self, img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 BGR/gray HxW[x3] -> array [1,3,H_net,W_net] RGB in [0,1] of the input dtype (`out`,
+        e.g. a page-locked buffer, or a new array)."""
+        return to_input(img, (self.height, self.width), self.input_dtype, out)
 
     def run_tensor(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
         """The network on prepared [1,3,H_net,W_net] inputs: flow float32 [2,H_net,W_net] (pixels)."""

@@ -36,14 +36,15 @@ def resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(a, (width, height), interpolation=interp)
 
 
-def to_input(img: np.ndarray, size: tuple[int, int] | None = None, dtype=np.float32) -> np.ndarray:
-    """uint8 BGR HxWx3 or gray HxW -> new array [1,3,H',W'] RGB in [0,1] of `dtype`, resized to
-    `size` (H', W') when given."""
+def to_input(img: np.ndarray, size: tuple[int, int] | None = None, dtype=np.float32,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 BGR HxWx3 or gray HxW -> array [1,3,H',W'] RGB in [0,1] of `dtype`, resized to
+    `size` (H', W') when given: `out` (e.g. a page-locked buffer of that shape) or a new array."""
     img = check_image(img)
     if size is not None:
         img = resize(img, int(size[0]), int(size[1]))
     rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
-    x = np.empty((1, 3, *rgb.shape[:2]), dtype)
+    x = np.empty((1, 3, *rgb.shape[:2]), dtype) if out is None else out
     np.multiply(rgb.transpose(2, 0, 1), np.float32(1 / 255), out=x[0], casting="unsafe")
     return x
 

@@ -3,13 +3,15 @@
     csi://0                   MIPI CSI camera 0 through nvarguscamerasrc (OpenCV with GStreamer)
     v4l2:///dev/video0        V4L2 camera (also v4l2://0)
     rtsp://host:port/path     RTSP stream (OpenCV's FFmpeg or GStreamer backend)
+    http://host:port/x.mjpg   HTTP stream, e.g. an IP camera's MJPEG (OpenCV's FFmpeg backend)
     file://clip.mp4           video file; file://frames/ a directory of images (natural sort),
                               file://frames/*.png a glob; file:///abs/path for absolute paths
 
 Bare strings are guessed the same way: `/dev/video0` and integers are V4L2 cameras, anything
-else a path (or glob). File sources end the iteration at their end; live sources (csi, v4l2,
-rtsp) that stop delivering are reopened with exponential backoff (`Backoff`), each attempt
-logged as a warning (stderr), and raise InputError when the attempts run out.
+else a path (or glob). File sources end the iteration at their end (or start again with
+`loop=True`); live sources (csi, v4l2, rtsp, http) that stop delivering are reopened with
+exponential backoff (`Backoff`), each attempt logged as a warning (stderr), and raise InputError
+when the attempts run out (`Backoff(attempts=None)` retries forever, as the daemon does).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import glob
 import logging
 import os
 import re
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,18 +30,20 @@ import numpy as np
 
 from edgeflow.errors import InputError, MissingDependency
 
-SCHEMES = ("csi", "v4l2", "rtsp", "file")
-LIVE = ("csi", "v4l2", "rtsp")
+SCHEMES = ("csi", "v4l2", "rtsp", "http", "https", "file")
+LIVE = ("csi", "v4l2", "rtsp", "http", "https")
+# Milliseconds an FFmpeg network capture (rtsp, http) may wait to open and for each frame.
+NETWORK_TIMEOUT_MS = 5000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".webp")
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Backoff:
-    """Reopen policy of a live source: up to `attempts` tries in a row, waiting
+    """Reopen policy of a live source: up to `attempts` tries in a row (None: forever), waiting
     initial * factor**k seconds (at most `maximum`) before try k+1."""
 
-    attempts: int = 6
+    attempts: int | None = 6
     initial: float = 0.5
     factor: float = 2.0
     maximum: float = 8.0
@@ -141,20 +145,28 @@ class LiveSource(Source):
     """A camera or stream: `opener()` returns a capture (`read() -> (ok, frame)`, `isOpened()`,
     `release()`, as cv2.VideoCapture). A capture that fails to open or stops delivering is
     released and reopened after backoff delays; InputError when `backoff.attempts` tries in a
-    row have failed. `sleep` is injectable for tests."""
+    row have failed. `sleep` is injectable for tests; the default wait ends early on `close()`,
+    which another thread may call while this one waits (the reader releases the capture).
+
+    `state` ("opening", "streaming" or "lost: REASON") and the counters `reopens` (successful
+    reopens after a loss) and `failures` (failed attempts in all) may be read from any thread."""
 
     live = True
 
     def __init__(self, opener: Callable[[], object], uri: str, backoff: Backoff = Backoff(),
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] | None = None):
         self.uri = uri
         self.backoff = backoff
         self._opener = opener
-        self._sleep = sleep
+        self._closing = threading.Event()
+        self._sleep = sleep or self._closing.wait
+        self._lock = threading.Lock()  # held by the reading thread while it uses the capture
         self._cap = None
         self._closed = False
         self._delivered = 0
-        self.reopens = 0  # successful reopens after a loss
+        self.reopens = 0
+        self.failures = 0
+        self.state = "opening"
 
     @property
     def fps(self) -> float | None:
@@ -162,25 +174,31 @@ class LiveSource(Source):
         return fps if fps and fps > 0 else None
 
     def __next__(self) -> np.ndarray:
-        if self._closed:
-            raise StopIteration
         failures = 0
+        limit = self.backoff.attempts
         while True:
-            reason = self._ensure_open()
-            if self._cap is not None:
-                ok, frame = self._cap.read()
-                if ok and frame is not None:
-                    self._delivered += 1
-                    return frame
-                self._release()
-                reason = "lost" if self._delivered else "delivers no frames"
+            with self._lock:
+                if self._closed:
+                    self._release()
+                    raise StopIteration
+                reason = self._ensure_open()
+                if self._cap is not None:
+                    ok, frame = self._cap.read()
+                    if ok and frame is not None:
+                        self._delivered += 1
+                        self.state = "streaming"
+                        return frame
+                    self._release()
+                    reason = "lost" if self._delivered else "delivers no frames"
             failures += 1
-            if failures > self.backoff.attempts:
+            self.failures += 1
+            self.state = f"lost: {reason}"
+            if limit is not None and failures > limit:
                 self.close()
-                raise InputError(f"{self.uri}: {reason}; gave up after {self.backoff.attempts} reopen attempts")
+                raise InputError(f"{self.uri}: {reason}; gave up after {limit} reopen attempts")
             delay = self.backoff.delay(failures)
-            log.warning("%s: %s; reopening in %.3g s (attempt %d/%d)", self.uri, reason, delay, failures,
-                        self.backoff.attempts)
+            log.warning("%s: %s; reopening in %.3g s (attempt %d/%s)", self.uri, reason, delay, failures,
+                        "unlimited" if limit is None else limit)
             self._sleep(delay)
 
     def _ensure_open(self) -> str:
@@ -209,7 +227,44 @@ class LiveSource(Source):
 
     def close(self) -> None:
         self._closed = True
-        self._release()
+        self._closing.set()
+        if self._lock.acquire(timeout=0.5):  # else the reading thread releases after its read
+            try:
+                self._release()
+            finally:
+                self._lock.release()
+
+
+class LoopingSource(Source):
+    """A file source that starts again at its end: `opener()` returns a fresh Source each pass."""
+
+    def __init__(self, opener: Callable[[], Source], uri: str):
+        self.uri = uri
+        self._opener = opener
+        self._src = opener()
+        self.passes = 1
+
+    @property
+    def fps(self) -> float | None:
+        return self._src.fps if self._src is not None else None
+
+    def __next__(self) -> np.ndarray:
+        if self._src is None:
+            raise StopIteration
+        frame = next(self._src, None)
+        if frame is None:
+            self._src.close()
+            self._src = self._opener()
+            self.passes += 1
+            frame = next(self._src, None)
+            if frame is None:
+                raise StopIteration
+        return frame
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
 
 
 def parse_uri(uri: str | int | os.PathLike) -> tuple[str, str]:
@@ -223,7 +278,7 @@ def parse_uri(uri: str | int | os.PathLike) -> tuple[str, str]:
         if scheme not in SCHEMES:
             raise InputError(f"unknown source scheme {scheme + '://'!r} in {text!r}; choices: "
                              + ", ".join(s + "://" for s in SCHEMES))
-        if scheme == "rtsp":
+        if scheme in ("rtsp", "http", "https"):
             location = text
         return scheme, location
     if text.isdigit() or text.startswith("/dev/video"):
@@ -232,14 +287,17 @@ def parse_uri(uri: str | int | os.PathLike) -> tuple[str, str]:
 
 
 def open_source(uri, *, backoff: Backoff = Backoff(), width: int = 1280, height: int = 720,
-                framerate: int = 30, flip: int = 0) -> Source:
+                framerate: int = 30, flip: int = 0, loop: bool = False) -> Source:
     """The Source of `uri` (see the module doc). `width`/`height`/`framerate`/`flip` configure CSI
-    cameras; `backoff` the reopening of live sources. A Source passed in is returned as it is."""
+    cameras; `backoff` the reopening of live sources; `loop` restarts file sources at their end.
+    A Source passed in is returned as it is."""
     if isinstance(uri, Source):
         return uri
     scheme, location = parse_uri(uri)
     text = str(uri)
     if scheme == "file":
+        if loop:
+            return LoopingSource(lambda: _file_source(location, text), text)
         return _file_source(location, text)
     if scheme == "csi":
         if not location.isdigit():
@@ -254,7 +312,8 @@ def open_source(uri, *, backoff: Backoff = Backoff(), width: int = 1280, height:
         if not isinstance(device, int) and not location.startswith("/"):
             raise InputError(f"{text}: expected v4l2:///dev/videoN or v4l2://N")
         return LiveSource(lambda: cv2.VideoCapture(device, cv2.CAP_V4L2), text, backoff)
-    return LiveSource(lambda: cv2.VideoCapture(location), text, backoff)  # rtsp
+    timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, NETWORK_TIMEOUT_MS]
+    return LiveSource(lambda: cv2.VideoCapture(location, cv2.CAP_ANY, timeouts), text, backoff)  # rtsp, http
 
 
 def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, framerate: int = 30,
@@ -271,6 +330,15 @@ def has_gstreamer() -> bool:
     """Whether this OpenCV was built with the GStreamer backend."""
     return any(line.strip().startswith("GStreamer:") and "YES" in line
                for line in cv2.getBuildInformation().splitlines())
+
+
+def opencv_info() -> dict:
+    """Which OpenCV this process loaded: {"version", "path" (of the module), "gstreamer",
+    "ffmpeg" (bools: backends built in)}. PyPI's wheels have no GStreamer; JetPack's has."""
+    backends = {line.split(":")[0].strip(): "YES" in line for line in cv2.getBuildInformation().splitlines()
+                if line.strip().startswith(("GStreamer:", "FFMPEG:"))}
+    return {"version": cv2.__version__, "path": os.path.dirname(getattr(cv2, "__file__", "") or ""),
+            "gstreamer": backends.get("GStreamer", False), "ffmpeg": backends.get("FFMPEG", False)}
 
 
 def _file_source(location: str, uri: str) -> Source:

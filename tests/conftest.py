@@ -43,3 +43,21 @@ def engine_epe_vs_torch(engine, model, size: tuple[int, int], pairs: int = 2, se
         img1, img2, _ = generate_pair(rng, size)
         errs.append(epe(engine(img1, img2), torch_fn(img1, img2)))
     return float(np.mean(errs))
+
+
+@pytest.fixture(scope="session")
+def host_package(tmp_path_factory) -> Path:
+    """A small host package (flownet2-s, seeded random weights, 64x128, fp32) compiled once per
+    session, for the streaming and daemon tests; packages extract into a per-session cache."""
+    import os
+
+    import torch
+
+    from edgeflow.compile import compile
+    from edgeflow.models import create
+
+    os.environ.setdefault("EDGEFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.manual_seed(7)
+    model = create("flownet2-s", weights=None)
+    out = tmp_path_factory.mktemp("host-pkg") / "flownet2-s-host-64x128.tar"
+    return compile(model, target="host", input_size=(64, 128), precision="fp32", out=out).path

@@ -494,8 +494,8 @@ def test_cli_run_errors(package, tmp_path, capsys):
     assert main(["run", str(bad), str(tmp_path)]) == PackageError.exit_code
     err = capsys.readouterr().err.strip()
     assert err == f"Error: {bad}: unknown package format version 9 (this runtime reads 2; recompile it with this edgeflow)"
-    assert main(["run", str(package), "http://example.com/x"]) == InputError.exit_code
-    assert "choices: csi://, v4l2://, rtsp://, file://" in capsys.readouterr().err
+    assert main(["run", str(package), "ftp://example.com/x"]) == InputError.exit_code
+    assert "choices: csi://, v4l2://, rtsp://, http://, https://, file://" in capsys.readouterr().err
 
 
 # -- threads --------------------------------------------------------------------------------------

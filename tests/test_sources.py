@@ -42,6 +42,7 @@ def clip(tmp_path):
     ("v4l2:///dev/video0", ("v4l2", "/dev/video0")),
     ("v4l2://1", ("v4l2", "1")),
     ("rtsp://cam.local:8554/live", ("rtsp", "rtsp://cam.local:8554/live")),
+    ("http://cam.local:8080/video.mjpg", ("http", "http://cam.local:8080/video.mjpg")),
     ("file://clip.mp4", ("file", "clip.mp4")),
     ("file:///data/clip.mp4", ("file", "/data/clip.mp4")),
     ("/dev/video0", ("v4l2", "/dev/video0")),
@@ -55,8 +56,9 @@ def test_parse_uri(uri, expected):
 
 
 def test_unknown_scheme_lists_schemes():
-    with pytest.raises(InputError, match=r"unknown source scheme 'http://'.*choices: csi://, v4l2://, rtsp://, file://"):
-        open_source("http://example.com/stream")
+    with pytest.raises(InputError, match=r"unknown source scheme 'ftp://'.*choices: csi://, v4l2://, rtsp://, http://, "
+                                         r"https://, file://"):
+        open_source("ftp://example.com/stream")
 
 
 def test_video_file(clip):
@@ -202,3 +204,30 @@ def test_real_v4l2_device_that_does_not_exist():
     assert src.live
     with pytest.raises(InputError, match="v4l2:///dev/video-edgeflow-absent: cannot open; gave up after 1"):
         next(src)
+
+
+def test_loop_starts_a_file_source_again(png_dir):
+    src = open_source(f"file://{png_dir}", loop=True)
+    assert [int(next(src)[0, 0, 0]) for _ in range(7)] == [20, 40, 200, 20, 40, 200, 20]
+    assert src.passes == 3 and not src.live
+    src.close()
+    assert list(src) == []
+
+
+def test_unlimited_backoff_state_and_close_from_another_thread():
+    """Backoff(attempts=None) never gives up; `state` tells the loss; close() ends the wait at once."""
+    import threading
+    import time
+
+    camera = FlakyCamera(fail_opens=10**9, per_open=1)
+    src = LiveSource(camera, "v4l2:///dev/video9", Backoff(attempts=None, initial=30.0))
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(next(src, "ended")))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while src.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert src.state == "lost: cannot open" and src.failures == 1
+    src.close()
+    reader.join(timeout=2)
+    assert not reader.is_alive() and outcome == ["ended"]

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from edgeflow.cli.run import TRUST_HELP
+from edgeflow.cli.options import TRUST_HELP
 
 
 def register(app: typer.Typer) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from edgeflow.errors import InputError
 
+TRUST_HELP = ("Refuse the package unless signed by this Ed25519 public key (repeatable; "
+              "default: the files in $EDGEFLOW_TRUSTED_KEYS).")
+
 
 def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     """'384x512' -> (384, 512); InputError naming `flag` otherwise."""
