@@ -2,10 +2,11 @@
 
     compile(model, *, target, input_size, precision="fp32", prune=0.0, calibration=None,
             out=path) -> path
+    prune(model, ratio, ...) -> pruned torch module (structured pruning + distillation)
 
-The stages (each its own module): frontend (torch.export -> Relax), lower (per-target
-pipelines, device code), package (the .tar writer). Importing this package imports neither
-torch nor TVM.
+The stages (each its own module): prune (optional), frontend (torch.export -> Relax), lower
+(per-target pipelines, device code), package (the .tar writer). Importing this package imports
+neither torch nor TVM.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import platform
 from pathlib import Path
 from typing import Callable
 
+from edgeflow.compile.prune import prune
 from edgeflow.errors import InputError
 
 PRECISIONS = ("fp32", "fp16")
@@ -31,7 +33,9 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
             progress: Callable[[str], None] | None = None) -> Path:
     """Compile `model` (registry name or torch module) for `target` into the package `out`.
 
-    input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". The package records the
+    input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". prune > 0 prunes that share
+    of channels first and distils on `calibration` (a frame directory) or generated pairs
+    (`edgeflow.compile.prune.prune`); a pruned weight file compiles as it is. The package records the
     EPE of the compiled model against the torch model on generated pairs; above
     TOLERANCE[precision] nothing is written unless `force`. Returns the package path.
     """
@@ -39,17 +43,20 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
 
     from edgeflow import targets
     from edgeflow.compile import frontend, lower
+    from edgeflow.compile.cost import cost
+    from edgeflow.compile.prune import manifest_entry, prune as prune_model
     from edgeflow.compile.package import params_npz, write_package
 
     say = progress or (lambda msg: None)
     board = targets.get(target)
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if prune:
-        raise InputError("--prune: structured pruning is not available in this version (use 0)")
-    if calibration is not None:
-        raise InputError("--calib: calibration is used by int8 quantization, not available in this version")
+    if calibration is not None and not prune:
+        raise InputError("calibration: frames are used by pruning (prune=) and int8 quantization; give prune= "
+                         "or leave calibration out")
     torch_model, model_info = _resolve_model(model, weights)
+    if prune:
+        torch_model = prune_model(torch_model, prune, calibration=calibration, progress=say)
     h, w = input_size
     name = model_info["name"]
     out = Path(out or f"{name}-{board.name}-{precision}-{h}x{w}.tar")
@@ -81,7 +88,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
         "input": {"height": h, "width": w, "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 1]},
         "output": {"dtype": "float32", "units": "pixels"},
         "precision": precision,
-        "pruning": {"ratio": 0.0},
+        "pruning": manifest_entry(torch_model),
+        "cost": cost(torch_model, (h, w)),
         "quantization": None,
         "target": {"name": board.name, "kind": board.kind, "tvm_target": board.tvm_target_json(),
                    "cuda_arch": board.cuda_arch, "cuda_version": board.cuda_version,

@@ -9,8 +9,9 @@ in the lowered TIR at compile time by `edgeflow.compile.kernel_stats`), and the 
 the board (`Board.roofline_seconds`). The roofline times, times the launches per inference, add
 up to a predicted frame time: a prediction from datasheet peaks, not a measurement (there is no
 board here; launch overheads and caches are not modelled). Kernels of our hand-written
-operators (correlation, warp) carry the operator's name. CPU packages: target, precision,
-accuracy and file sizes.
+operators (correlation, warp) carry the operator's name. All packages: target, precision,
+accuracy, file sizes, parameters and convolution MACs per frame pair (the manifest's "cost"), and
+for a pruned network what pruning removed and cost in EPE (the manifest's "pruning").
 
 Reads the package with `edgeflow.runtime.package` (hashes verified, target not checked) and
 the boards table: standard library only, no TVM, no torch.
@@ -27,7 +28,9 @@ PREDICTION = "prediction (no board measured)"
 def inspect_package(path: str | os.PathLike) -> dict:
     """The report of the package at `path` (PackageError if it is damaged or of an unknown
     format). Keys: package, model, input, precision, target, accuracy, files (bytes per file),
-    and for CUDA packages board, kernels (per kernel, slowest first) and summary."""
+    cost (parameters, macs; None for packages compiled before it was recorded), pruning (None when
+    unpruned; the report without its per-layer channels), and for CUDA packages board, kernels (per
+    kernel, slowest first) and summary."""
     from edgeflow.runtime.package import read_package
 
     manifest, directory = read_package(path, check_target=False)
@@ -35,7 +38,8 @@ def inspect_package(path: str | os.PathLike) -> dict:
     report = {"package": str(path), "model": manifest["model"], "input": [h, w],
               "precision": manifest["precision"], "target": manifest["target"],
               "accuracy": manifest.get("accuracy"), "compile_seconds": manifest.get("compile_seconds"),
-              "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])}}
+              "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])},
+              "cost": manifest.get("cost"), "pruning": _pruning(manifest.get("pruning"))}
     if manifest["target"].get("kind") != "cuda":
         report["note"] = "per-kernel statistics (registers, occupancy, roofline) are for CUDA packages only"
         return report
@@ -98,6 +102,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  accuracy   EPE {acc['epe_vs_torch']} px vs the torch model "
                      f"(tolerance {acc.get('tolerance')} px, {acc.get('measured_on', '?')})")
     lines.append("  files      " + ", ".join(f"{n} {_size(s)}" for n, s in report["files"].items()))
+    lines += _cost_lines(report.get("cost"), report.get("pruning"))
     if "kernels" not in report:
         lines.append(f"  note       {report['note']}")
         return "\n".join(lines)
@@ -137,6 +142,27 @@ def _kernel_table(kernels: list[dict]) -> list[str]:
                     f"{_num(k['flops'], 1e6, '.2f'):>9} {_num(k['bytes'], 1e3, '.1f'):>8} "
                     f"{_num(k['roofline_us'], 1, '.2f'):>9} {k['bound'] or '-'}")
     return rows
+
+
+def _pruning(entry: dict | None) -> dict | None:
+    if not entry or not entry.get("ratio"):
+        return None
+    return {k: v for k, v in entry.items() if k != "channels"}
+
+
+def _cost_lines(cost: dict | None, pruning: dict | None) -> list[str]:
+    lines = []
+    if cost:
+        h, w = cost["input_size"]
+        lines.append(f"  cost       {cost['parameters'] / 1e6:.3f} M parameters, {cost['macs'] / 1e9:.3f} GMAC "
+                     f"({2 * cost['macs'] / 1e9:.3f} GFLOP) of convolutions per pair at {h}x{w}")
+    if pruning:
+        p, m, e = pruning["parameters"], pruning["macs"], pruning["epe_vs_unpruned"]
+        lines.append(f"  pruning    {pruning['ratio']:g} of the channels ({pruning['importance']}): parameters "
+                     f"x{p['after'] / p['before']:.2f}, MACs x{m['after'] / m['before']:.2f}; EPE vs the unpruned "
+                     f"net {e['after_distillation']:.4f} px after {pruning['distillation']['steps']} distillation "
+                     f"steps ({e['after_pruning']:.4f} px before)")
+    return lines
 
 
 def _board(target: dict):
