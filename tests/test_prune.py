@@ -239,7 +239,7 @@ def test_bad_calibration_directories_fail_in_one_line_writing_nothing(tmp_path, 
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(f"calibration={str(d)!r}: {what}") and "expected" in msg
         out = tmp_path / "p.pt"
-        assert main(["prune", "--ratio", "0.3", "--calib", str(d), "-o", str(out)]) == 2
+        assert main(["prune", "--ratio", "0.3", "--calib", str(d), "-o", str(out)]) == InputError.exit_code
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and what in err
         assert not out.exists()
