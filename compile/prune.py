@@ -52,7 +52,8 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
     distill_steps: Adam steps of `batch` pairs at `size` (H, W, multiples of 64), learning rate
     `lr` with a cosine decay; 0 skips distillation. round_to: keep channel counts multiples of it.
     validation_pairs: held-out generated pairs at `size` on which the EPE (px) against the
-    unpruned net is measured. progress: called with one line per stage of the work.
+    unpruned net is measured. seed: of the distillation pairs. progress: called with one line
+    per stage of the work.
 
     Report keys: ratio, importance, round_to, stages, kept_whole (layer names), parameters and
     macs {"before", "after"} (MACs of the convolutions for one pair at `size`, see
@@ -61,8 +62,6 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
     """
     import copy
 
-    import torch
-
     from edgeflow.compile.calibration import read_frames
     from edgeflow.compile.cost import cost
 
@@ -70,9 +69,8 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
     _check_args(model, ratio, importance, distill_steps, batch, lr, size, round_to, validation_pairs)
     frames = read_frames(calibration, size) if calibration is not None else None
     tp = _torch_pruning()
-    torch.manual_seed(seed)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    student = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model).eval().requires_grad_(True)
     pairs = PairSource(frames, size, seed)
     before = cost(teacher, size)
 

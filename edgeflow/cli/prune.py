@@ -21,6 +21,8 @@ def prune_cmd(
     batch: int = typer.Option(4, "--batch", help="Pairs per distillation step."),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate of the distillation (cosine decay)."),
     size: str = typer.Option("256x320", "--size", help="HxW of the distillation and validation pairs, multiples of 64."),
+    round_to: int = typer.Option(None, "--round-to", help="Keep channel counts multiples of this (e.g. 8, for "
+                                                          "vector-friendly kernels)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the distillation data."),
 ) -> None:
     """Remove whole channels of MODEL by importance, distil it from the unpruned net, write its weights."""
@@ -33,7 +35,8 @@ def prune_cmd(
     spec(model)
     t0 = time.time()
     pruned = prune(create(model, weights=None if weights == "random" else weights), ratio, importance=importance,
-                   calibration=calib, distill_steps=steps, batch=batch, lr=lr, size=parse_size(size), seed=seed,
+                   calibration=calib, distill_steps=steps, batch=batch, lr=lr, size=parse_size(size),
+                   round_to=round_to, seed=seed,
                    progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
     save(pruned, model, out)
     r = pruned.pruning
