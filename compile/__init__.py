@@ -2,10 +2,11 @@
 
     compile(model, *, target, input_size, precision="fp32", prune=0.0, calibration=None,
             out=path, sign=None) -> CompileResult (path, manifest)
+    prune(model, ratio, ...) -> pruned torch module (structured pruning + distillation)
 
-The stages (each its own module): frontend (torch.export -> Relax), lower (per-target
-pipelines, device code); the package is written by `edgeflow.runtime.format`, which owns the
-format. Importing this package imports neither torch nor TVM.
+The stages (each its own module): prune (optional), frontend (torch.export -> Relax), lower
+(per-target pipelines, device code); the package is written by `edgeflow.runtime.format`, which
+owns the format. Importing this package imports neither torch nor TVM.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from edgeflow.compile.prune import prune
 from edgeflow.errors import AccuracyError, InputError
 
 PRECISIONS = ("fp32", "fp16")
@@ -49,7 +51,9 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
             sign: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> CompileResult:
     """Compile `model` (registry name or torch module) for `target` into the package `out`.
 
-    input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". The package records the
+    input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". prune > 0 prunes that share
+    of channels first and distils on `calibration` (a frame directory) or generated pairs
+    (`edgeflow.compile.prune.prune`); a pruned weight file compiles as it is. The package records the
     EPE of the compiled model against the torch model on generated pairs; above
     TOLERANCE[precision] (or when it is not a number) AccuracyError and nothing is written,
     unless `force`. sign: the path of an Ed25519 private key (`edgeflow keygen`) that signs the
@@ -59,16 +63,17 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
 
     from edgeflow import targets
     from edgeflow.compile import frontend, lower
+    from edgeflow.compile.cost import cost
+    from edgeflow.compile.prune import manifest_entry, prune as prune_model
     from edgeflow.runtime.format import build_manifest, params_npz, write_package
 
     say = progress or (lambda msg: None)
     board = targets.get(target)
     if precision not in PRECISIONS:
         raise InputError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if prune:
-        raise InputError("prune=: structured pruning is not available in this version (use 0)")
-    if calibration is not None:
-        raise InputError("calibration=: calibration is used by int8 quantization, not available in this version")
+    if calibration is not None and not prune:
+        raise InputError("calibration: frames are used by pruning (prune=) and int8 quantization; give prune= "
+                         "or leave calibration out")
     signing_key = signer = None
     if sign is not None:
         from edgeflow.runtime import signing
@@ -76,6 +81,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
         signing_key = signing.load_private_key(sign)  # a bad key fails before minutes of compiling
         signer = signing.key_id(signing_key.public_key())
     torch_model, model_info = _resolve_model(model, weights)
+    if prune:
+        torch_model = prune_model(torch_model, prune, calibration=calibration, progress=say)
     h, w = input_size
     name = model_info["name"]
     out = Path(out or f"{name}-{board.name}-{precision}-{h}x{w}.tar")
@@ -110,7 +117,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     manifest = build_manifest(model=model_info, input_size=(h, w), precision=precision, board=board,
                               versions=_versions(), param_names=param_names, accuracy=accuracy,
                               kernels=device_code.kernels if device_code else [],
-                              compile_seconds=time.time() - t0)
+                              compile_seconds=time.time() - t0, pruning=manifest_entry(torch_model),
+                              cost=cost(torch_model, (h, w)))
     manifest = write_package(out, manifest, files, signing_key=signing_key)
     return CompileResult(out, manifest, signer)
 

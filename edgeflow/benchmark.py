@@ -152,7 +152,8 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
 
 
 def model_from_package(manifest: dict, directory: str | os.PathLike):
-    """The torch model of a package: the manifest's stages and width, the package's parameters.
+    """The torch model of a package: the manifest's stages and width, the channel counts of a
+    pruned network (manifest "pruning"), the package's parameters.
 
     The package stores parameters as compiled (biases as [1,C,1,1], fp16 weights for fp16): each
     is reshaped and cast back. The weight file named in the manifest, when present with the
@@ -173,6 +174,11 @@ def model_from_package(manifest: dict, directory: str | os.PathLike):
         model = FlowNet2(info["stages"], float(info["width"]))
     else:
         raise PackageError(f"cannot rebuild the torch model: the manifest names no stages and width ({info})")
+    channels = (manifest.get("pruning") or {}).get("channels")
+    if channels:  # a pruned network: its layers' channel counts
+        from edgeflow.models.channels import set_channels
+
+        set_channels(model, channels, "the manifest's pruning channels")
     own = model.state_dict()
     with np.load(Path(directory) / "params.npz", allow_pickle=False) as npz:
         stored = {n: npz[n] for n in manifest["params"]["order"] if n in own}

@@ -11,8 +11,9 @@ at compile time by `edgeflow.compile.kernel_stats`), and the roofline time on th
 (`Board.roofline_seconds`). The roofline times, times the launches per inference, add
 up to a predicted frame time: a prediction from datasheet peaks, not a measurement (there is no
 board here; launch overheads and caches are not modelled). Kernels of our hand-written
-operators (correlation, warp) carry the operator's name. CPU packages: target, precision,
-accuracy and file sizes.
+operators (correlation, warp) carry the operator's name. All packages: target, precision,
+accuracy, file sizes, parameters and convolution MACs per frame pair (the manifest's "cost"), and
+for a pruned network what pruning removed and cost in EPE (the manifest's "pruning").
 
 Reads the package with `edgeflow.runtime.format` (digests and signature verified, target not
 checked; with `trusted_keys`, only a package signed by one of them) and
@@ -30,8 +31,9 @@ PREDICTION = "prediction (no board measured)"
 def inspect_package(path: str | os.PathLike, *, trusted_keys=None) -> dict:
     """The report of the package at `path` (PackageError if it is damaged, forged, untrusted or
     of an unknown format). Keys: package, manifest_sha256, signer (key id or None), model, input,
-    precision, target, accuracy, files (bytes per file), and for CUDA packages board, kernels (per
-    kernel, slowest first) and summary."""
+    precision, target, accuracy, files (bytes per file), cost (parameters, macs), pruning (None
+    when unpruned; the report without its per-layer channels), and for CUDA packages board,
+    kernels (per kernel, slowest first) and summary."""
     from edgeflow.runtime.format import read_package
 
     pkg = read_package(path, check_target=False, trusted_keys=trusted_keys)
@@ -41,7 +43,8 @@ def inspect_package(path: str | os.PathLike, *, trusted_keys=None) -> dict:
               "model": manifest["model"], "input": [h, w],
               "precision": manifest["precision"], "target": manifest["target"],
               "accuracy": manifest.get("accuracy"), "compile_seconds": manifest.get("compile_seconds"),
-              "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])}}
+              "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])},
+              "cost": manifest.get("cost"), "pruning": _pruning(manifest.get("pruning"))}
     if manifest["target"].get("kind") != "cuda":
         report["note"] = "per-kernel statistics (registers, occupancy, roofline) are for CUDA packages only"
         return report
@@ -119,6 +122,7 @@ def format_report(report: dict) -> str:
         lines.append(f"  accuracy   EPE {acc['epe_vs_torch']} px vs the torch model "
                      f"(tolerance {acc.get('tolerance')} px, {acc.get('measured_on', '?')})")
     lines.append("  files      " + ", ".join(f"{n} {_size(s)}" for n, s in report["files"].items()))
+    lines += _cost_lines(report.get("cost"), report.get("pruning"))
     if "kernels" not in report:
         lines.append(f"  note       {report['note']}")
         return "\n".join(lines)
@@ -177,6 +181,27 @@ def _kernel_table(kernels: list[dict]) -> list[str]:
                     f"{_num(k['flops'], 1e6, '.2f'):>9} {_num(k['bytes'], 1e3, '.1f'):>8} "
                     f"{_num(k['roofline_us'], 1, '.2f'):>9} {k['bound'] or '-'}")
     return rows
+
+
+def _pruning(entry: dict | None) -> dict | None:
+    if not entry or not entry.get("ratio"):
+        return None
+    return {k: v for k, v in entry.items() if k != "channels"}
+
+
+def _cost_lines(cost: dict | None, pruning: dict | None) -> list[str]:
+    lines = []
+    if cost:
+        h, w = cost["input_size"]
+        lines.append(f"  cost       {cost['parameters'] / 1e6:.3f} M parameters, {cost['macs'] / 1e9:.3f} GMAC "
+                     f"({2 * cost['macs'] / 1e9:.3f} GFLOP) of convolutions per pair at {h}x{w}")
+    if pruning:
+        p, m, e = pruning["parameters"], pruning["macs"], pruning["epe_vs_unpruned"]
+        lines.append(f"  pruning    {pruning['ratio']:g} of the channels ({pruning['importance']}): parameters "
+                     f"x{p['after'] / p['before']:.2f}, MACs x{m['after'] / m['before']:.2f}; EPE vs the unpruned "
+                     f"net {e['after_distillation']:.4f} px after {pruning['distillation']['steps']} distillation "
+                     f"steps ({e['after_pruning']:.4f} px before)")
+    return lines
 
 
 def _board(target: dict):

@@ -67,12 +67,13 @@ class VerifiedPackage:
 
 def build_manifest(*, model: dict, input_size: tuple[int, int], precision: str, board, versions: dict,
                    param_names: list[str], accuracy: dict, kernels: list, compile_seconds: float,
-                   pruning: dict | None = None, quantization: dict | None = None) -> dict:
+                   pruning: dict | None = None, quantization: dict | None = None, cost: dict | None = None) -> dict:
     """The manifest of a package (without `files` and `format_version`, which `write_package` adds).
 
     model: {"name", "stages", "width", "weights", "weights_sha256"}; input_size: (H, W) pixels;
     board: an `edgeflow.targets.Board`; accuracy: {"epe_vs_torch" (px), "frames", "tolerance" (px),
-    "measured_on", "measured_with"}; kernels: per CUDA kernel resources (empty for CPU targets).
+    "measured_on", "measured_with"}; kernels: per CUDA kernel resources (empty for CPU targets);
+    pruning: {"ratio": 0.0} or the pruning report; cost: {"parameters", "macs", "input_size"}.
     """
     h, w = input_size
     return {
@@ -81,6 +82,7 @@ def build_manifest(*, model: dict, input_size: tuple[int, int], precision: str, 
         "output": {"dtype": "float32", "units": "pixels"},
         "precision": precision,
         "pruning": pruning or {"ratio": 0.0},
+        "cost": cost,
         "quantization": quantization,
         "target": {"name": board.name, "kind": board.kind, "tvm_target": board.tvm_target_json(),
                    "cuda_arch": board.cuda_arch, "cuda_version": board.cuda_version,

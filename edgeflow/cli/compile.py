@@ -16,8 +16,10 @@ def compile_cmd(
     target: str = typer.Option("jetson", "--target", "-t", help="Board or CPU (see `edgeflow targets`)."),
     weights: str = typer.Option("default", help="default (shipped), random (untrained), or a weight file."),
     precision: str = typer.Option("fp32", help="fp32 or fp16."),
-    prune: float = typer.Option(0.0, help="Share of channels to remove (structured pruning)."),
-    calib: str = typer.Option(None, "--calib", help="Calibration data directory (int8)."),
+    prune: float = typer.Option(0.0, help="Share of channels to remove (structured pruning, then "
+                                           "distillation; see `edgeflow prune`)."),
+    calib: str = typer.Option(None, "--calib", help="Directory of your own video frames to distil the "
+                                                    "pruned net on (default: generated pairs)."),
     size: str = typer.Option("448x1024", help="Network input size HxW, multiples of 64."),
     out: str = typer.Option(None, "-o", "--out", help="Package path (default: MODEL-TARGET-PRECISION-HxW.tar)."),
     force: bool = typer.Option(False, help="Write the package even if its EPE exceeds the tolerance."),

@@ -21,7 +21,8 @@ def inspect_cmd(
 ) -> None:
     """Show what a package holds. CUDA: per kernel registers, spills, shared memory, launch size,
     occupancy, FLOPs, bytes and roofline time on the package's board, summed into a predicted fps
-    (a prediction: no board is measured). CPU: target, precision, accuracy, file sizes."""
+    (a prediction: no board is measured). All: target, precision, accuracy, file sizes,
+    parameters and convolution MACs, and what pruning removed."""
     import json
 
     from edgeflow.inspect import format_report, inspect_package

@@ -13,6 +13,9 @@ __all__ = ["create", "names", "spec", "SPECS", "ModelSpec", "DEFAULT_MODEL"]
 # Weight-file meta key of the fixed per-image RGB input means of imported Caffe weights,
 # {"img1": [r, g, b], "img2": [r, g, b]} in [0, 1] units (written by edgeflow.models.caffe.convert).
 CAFFE_MEAN_KEY = "caffe_mean_rgb"
+# Weight-file meta key of a pruned network's pruning report (edgeflow.compile.prune); its layer
+# channel counts are under `edgeflow.models.channels.META_KEY`.
+PRUNING_KEY = "pruning"
 
 
 def names() -> list[str]:
@@ -25,7 +28,8 @@ def create(name: str = DEFAULT_MODEL, weights="default"):
 
     weights: "default" loads the weights edgeflow ships for `name` (an error if there are none),
     a path loads an edgeflow weight file, None leaves the He-initialised random weights.
-    Weights imported from Caffe carry the fixed input means of the official network in their
+    A pruned network's weight file (`edgeflow prune`) rebuilds the layers with its channel counts
+    and sets `model.pruning` to its pruning report. Weights imported from Caffe carry the fixed input means of the official network in their
     meta (`caffe_mean_rgb`); the model then subtracts those, as Caffe does, instead of each
     pair's own mean (`FlowNet2.input_mean`).
     """
@@ -36,7 +40,9 @@ def create(name: str = DEFAULT_MODEL, weights="default"):
     s = spec(name)
     model = FlowNet2(s.stages, s.width)
     if weights is not None:
-        mean = load_into(model, name, weights).get(CAFFE_MEAN_KEY)
+        meta = load_into(model, name, weights)
+        model.pruning = meta.get(PRUNING_KEY)
+        mean = meta.get(CAFFE_MEAN_KEY)
         if mean:
             try:
                 model.input_mean = (mean["img1"], mean["img2"])

@@ -36,7 +36,8 @@ class FlowNet2(nn.Module):
     from the images first: None, each pair's own per-channel mean (flownet2-pytorch, and the
     weights edgeflow trains); or fixed RGB means `(img1 [r, g, b], img2 [r, g, b])`, as Caffe's
     DataAugmentation layers subtract them (imported Caffe weights; see `edgeflow.models.create`).
-    It is not a parameter: weight files carry it in their meta.
+    It is not a parameter: weight files carry it in their meta. `pruning` is None, or for a
+    pruned network the report of `edgeflow.compile.prune` (ratio, parameters, MACs, distillation).
     """
 
     def __init__(self, stages: str, width: float, input_mean=None):
@@ -53,6 +54,7 @@ class FlowNet2(nn.Module):
                 net = FlowNetS(in_channels=6 if i == 0 else 12, width=width)
             self.add_module(name, net)
         self.input_mean = input_mean
+        self.pruning: dict | None = None
 
     @property
     def input_mean(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -95,13 +95,27 @@ def check_state_dict(model, state_dict: dict, source: str) -> None:
 def load_into(model, name: str, weights) -> dict:
     """Load `weights` ("default" or a path) into `model` (registry `name`); returns the meta.
 
-    Every shape is checked before anything is copied, so a bad file leaves the model as it was.
+    A pruned network's file lists its layers' channel counts (meta `channels`, see
+    `edgeflow.models.channels`): those layers of `model` are rebuilt with these counts first.
+    Every count and shape is checked before anything changes, so a bad file leaves the model as it was.
     """
+    import copy
+
+    from edgeflow.models.channels import META_KEY, set_channels
+
     path = resolve(name, weights)
     blob = read(path)
     if blob.get("model") != name:
         raise InputError(f"{path}: weights are for model {blob.get('model')!r}, not {name!r}")
     sd = blob["state_dict"]
+    channels = blob.get("meta", {}).get(META_KEY)
+    if channels is not None:
+        if not isinstance(channels, dict):
+            raise InputError(f"{path}: meta {META_KEY!r} is not {{layer: [in, out]}}: {type(channels).__name__}")
+        reshaped = copy.deepcopy(model)
+        set_channels(reshaped, channels, str(path))
+        check_state_dict(reshaped, sd, str(path))
+        set_channels(model, channels, str(path))
     check_state_dict(model, sd, str(path))
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return blob.get("meta", {})
