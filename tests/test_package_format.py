@@ -123,13 +123,14 @@ def refused(path: Path, match: str, **kw):
 
 
 def assert_cli_refuses(capsys, path: Path, data: Path, match: str, trust: list[Path] = ()) -> None:
-    """`edgeflow run` and `edgeflow eval` refuse with one line and the package exit code."""
+    """`edgeflow run`, `eval` and `serve` refuse with one line and the package exit code."""
     import re
 
     from edgeflow.cli import main
 
     extra = [a for k in trust for a in ("--trust", str(k))]
-    for argv in (["run", str(path), str(data), *extra], ["eval", str(path), "--data", str(data), *extra]):
+    for argv in (["run", str(path), str(data), *extra], ["eval", str(path), "--data", str(data), *extra],
+                 ["serve", str(path), "--source", str(data), "--port", "0", *extra]):
         capsys.readouterr()
         assert main(argv) == PackageError.exit_code, argv
         err = capsys.readouterr().err

@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from edgeflow.cli.options import TRUST_HELP
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
@@ -30,6 +32,9 @@ def serve_cmd(
     loop: bool = typer.Option(False, "--loop", help="File sources: start again at the end."),
     sink: Optional[list[str]] = typer.Option(None, "--sink", help="Extra output, e.g. zmq://0.0.0.0:5555; repeatable."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: the package's kind)."),
+    trust: Optional[list[Path]] = typer.Option(None, "--trust", metavar="PUBKEY", help=TRUST_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads of the network "
+                                          "(default: every physical core)."),
     width: Optional[int] = typer.Option(None, "--width", min=1, help="CSI camera: capture width (default 1280)."),
     height: Optional[int] = typer.Option(None, "--height", min=1, help="CSI camera: capture height (default 720)."),
     framerate: Optional[int] = typer.Option(None, "--framerate", min=1, help="CSI camera: frames per second (30)."),
@@ -39,7 +44,9 @@ def serve_cmd(
     from edgeflow.runtime.serve.daemon import Settings, serve
 
     settings = Settings.load(config, package=str(package), source=source, host=host, port=port, token=token,
-                             loop=loop or None, sinks=sink or None, device=device, width=width, height=height,
+                             loop=loop or None, sinks=sink or None, device=device,
+                             trust=[str(k) for k in trust] if trust else None, threads=threads,
+                             width=width, height=height,
                              framerate=framerate, flip=flip)
 
     def ready(url: str) -> None:

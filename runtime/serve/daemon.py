@@ -41,6 +41,8 @@ class Settings:
     loop: bool = False  # file sources: start again at the end
     sinks: list[str] = field(default_factory=list)  # extra sink URIs, e.g. zmq://0.0.0.0:5555
     device: str | None = None
+    trust: list[str] = field(default_factory=list)  # public key files; the package must be signed by one
+    threads: int | None = None  # CPU threads of the network (None: every physical core)
     width: int = 1280  # CSI camera mode
     height: int = 720
     framerate: int = 30
@@ -282,7 +284,8 @@ def _fit(img: np.ndarray, width: int) -> np.ndarray:
 def serve(settings: Settings, *, engine=None, ready: Callable[[str], None] | None = None) -> None:
     """Run the daemon of `settings` until SIGTERM or SIGINT. `ready(url)` is called once the
     server listens (the real port when `settings.port` is 0). `engine` defaults to
-    `edgeflow.runtime.load(settings.package, device=settings.device)`."""
+    `edgeflow.runtime.load(settings.package, device=..., trusted_keys=..., threads=...)` of the
+    settings (trust: None where empty, so $EDGEFLOW_TRUSTED_KEYS still applies)."""
     try:
         import aiohttp  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -295,7 +298,8 @@ def serve(settings: Settings, *, engine=None, ready: Callable[[str], None] | Non
     if engine is None:
         from edgeflow.runtime import load
 
-        engine = load(settings.package, device=settings.device)
+        engine = load(settings.package, device=settings.device, trusted_keys=settings.trust or None,
+                      threads=settings.threads)
     daemon = Daemon(settings, engine)
     try:
         asyncio.run(_main(daemon, ready))
