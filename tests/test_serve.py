@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 import pytest
 
+from edgeflow.errors import InputError
+
 pytestmark = pytest.mark.tvm
 pytest.importorskip("aiohttp")
 pytest.importorskip("prometheus_client")
@@ -236,7 +238,7 @@ def test_token_required_beyond_loopback(host_package, clip, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "serve", str(host_package), "--source", str(clip[0]),
                            "--host", "0.0.0.0", "--port", "0"], capture_output=True, encoding="utf-8",
                           errors="replace", timeout=STARTUP_S)
-    assert proc.returncode == 2
+    assert proc.returncode == InputError.exit_code
     assert proc.stderr.strip() == "Error: host '0.0.0.0' is beyond loopback: a token is required (token=...)"
 
     served = Served(tmp_path, str(host_package), "--source", str(clip[0]), "--loop", "--host", "0.0.0.0",
