@@ -51,7 +51,7 @@ class Settings:
     reconnect_max: float = 8.0  # longest wait between reopens
     stall_timeout: float = 5.0  # seconds without a flow field before /healthz answers 503
     jpeg_quality: int = 80
-    preview_width: int = 640  # each half of the MJPEG preview is at most this wide
+    preview_width: int = 320  # each half of the MJPEG preview is at most this wide (colouring costs CPU)
 
     @classmethod
     def load(cls, config: str | os.PathLike | None = None, **given) -> "Settings":
@@ -200,8 +200,8 @@ class Daemon:
                 count, result = self._count, self._latest
             if result is None:
                 return 0, None
-            halves = [_fit(result.frame, self.settings.preview_width),
-                      _fit(flow_to_color(result.flow), self.settings.preview_width)]
+            width = self.settings.preview_width  # the flow is coloured at the preview's size, not the camera's
+            halves = [_fit(result.frame, width), flow_to_color(_fit(result.flow, width))]
             ok, jpeg = cv2.imencode(".jpg", np.hstack(halves),
                                     [cv2.IMWRITE_JPEG_QUALITY, int(self.settings.jpeg_quality)])
             self.previews_encoded += 1
@@ -274,7 +274,8 @@ class Daemon:
 
 
 def _fit(img: np.ndarray, width: int) -> np.ndarray:
-    """`img` (BGR) at most `width` wide, aspect kept."""
+    """`img` (BGR image or flow) at most `width` wide, aspect kept (flow vectors are not rescaled:
+    the colour coding normalises by the largest one)."""
     h, w = img.shape[:2]
     if w <= width:
         return img
