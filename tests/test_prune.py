@@ -259,4 +259,4 @@ def test_bad_calibration_directories_fail_in_one_line_writing_nothing(tmp_path, 
 def test_distillation_on_calibration_frames(tmp_path):
     d = _frames(tmp_path / "frames", count=4)
     pruned = prune(create("flownet2-s"), 0.3, calibration=d, distill_steps=2, **FAST)
-    assert pruned.pruning["distillation"]["data"].startswith("4 calibration frames")
+    assert pruned.pruning["distillation"]["data"].startswith(f"4 calibration frames from {str(d)!r}")
