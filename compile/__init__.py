@@ -35,8 +35,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
 
     input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". prune > 0 prunes that share
     of channels first and distils on `calibration` (a frame directory) or generated pairs
-    (`edgeflow.compile.prune.prune`); a pruned weight file compiles as it is. The package records the
-    EPE of the compiled model against the torch model on generated pairs; above
+    (`edgeflow.compile.prune.prune`); a pruned weight file compiles as it is. The package records
+    the EPE of the compiled model against the torch model on generated pairs; above
     TOLERANCE[precision] nothing is written unless `force`. Returns the package path.
     """
     import time
