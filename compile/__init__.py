@@ -53,8 +53,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
 
     input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". prune > 0 prunes that share
     of channels first and distils on `calibration` (a frame directory) or generated pairs
-    (`edgeflow.compile.prune.prune`); a pruned weight file compiles as it is. The package records the
-    EPE of the compiled model against the torch model on generated pairs; above
+    (`edgeflow.compile.prune.prune`); a pruned weight file compiles as it is. The package records
+    the EPE of the compiled model against the torch model on generated pairs; above
     TOLERANCE[precision] (or when it is not a number) AccuracyError and nothing is written,
     unless `force`. sign: the path of an Ed25519 private key (`edgeflow keygen`) that signs the
     package. Returns a CompileResult.

@@ -76,6 +76,17 @@ def test_pruning_removes_channels_parameters_and_macs():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the input is left alone
 
 
+def test_channel_counts_are_multiples_of_round_to():
+    model = create("flownet2-s", weights=None)
+    pruned = {r: layer_channels(prune(model, 0.3, round_to=r, distill_steps=0, **FAST)) for r in (8, 1)}
+    old = layer_channels(model)
+    changed = [n for n in old if pruned[8][n][1] != old[n][1]]
+    assert changed and all(pruned[8][n][1] % 8 == 0 for n in changed)
+    assert 30 <= pruned[1]["flownets.conv2.0"][1] <= 36 and pruned[1]["flownets.conv2.0"][1] % 8  # 48 less ~30 %
+    with pytest.raises(InputError, match="^round_to=0"):
+        prune(model, 0.3, round_to=0)
+
+
 def _mark_channels(model) -> None:
     """Give every prunable layer distinct biases: they tell which output channels survive."""
     with torch.no_grad():
@@ -248,4 +259,4 @@ def test_bad_calibration_directories_fail_in_one_line_writing_nothing(tmp_path, 
 def test_distillation_on_calibration_frames(tmp_path):
     d = _frames(tmp_path / "frames", count=4)
     pruned = prune(create("flownet2-s"), 0.3, calibration=d, distill_steps=2, **FAST)
-    assert pruned.pruning["distillation"]["data"].startswith("4 calibration frames")
+    assert pruned.pruning["distillation"]["data"].startswith(f"4 calibration frames from {str(d)!r}")

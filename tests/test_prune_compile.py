@@ -60,6 +60,11 @@ def test_pruned_ss_on_the_host_matches_its_torch_model(pruned_ss, tmp_path):
         want = model(*to_tensor_pair(img1, img2))[0].permute(1, 2, 0).numpy()
     got = load(os.fspath(out))(img1, img2)
     assert float(np.sqrt(((got - want) ** 2).sum(-1)).mean()) < 0.01
+    from edgeflow.inspect import format_report, inspect_package
+
+    report = inspect_package(os.fspath(out))  # a CPU package shows its cost and pruning too
+    assert report["cost"] == manifest["cost"] and "channels" not in report["pruning"]
+    assert "GMAC" in format_report(report) and "pruning    0.3 of the channels" in format_report(report)
     # bench's torch peer rebuilds the pruned layers from the manifest
     with tarfile.open(out) as tar:
         tar.extractall(tmp_path / "x", filter="data")
@@ -100,7 +105,7 @@ def test_compile_prunes_on_calibration_frames(tmp_path, monkeypatch):
     out = compile("flownet2-s", target="host", input_size=SIZE, prune=0.3, calibration=frames, out=tmp_path / "p.tar")
     manifest = manifest_of(out)
     p = manifest["pruning"]
-    assert p["ratio"] == 0.3 and p["distillation"]["data"].startswith("3 calibration frames")
+    assert p["ratio"] == 0.3 and p["distillation"]["data"].startswith(f"3 calibration frames from {str(frames)!r}")
     assert p["parameters"]["after"] == manifest["cost"]["parameters"] < p["parameters"]["before"]
     assert manifest["accuracy"]["epe_vs_torch"] < 0.01
 

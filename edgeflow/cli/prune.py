@@ -21,8 +21,8 @@ def prune_cmd(
     batch: int = typer.Option(4, "--batch", help="Pairs per distillation step."),
     lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate of the distillation (cosine decay)."),
     size: str = typer.Option("256x320", "--size", help="HxW of the distillation and validation pairs, multiples of 64."),
-    round_to: int = typer.Option(None, "--round-to", help="Keep channel counts multiples of this (e.g. 8, for "
-                                                          "vector-friendly kernels)."),
+    round_to: int = typer.Option(8, "--round-to", help="Keep channel counts multiples of this (1: any count); "
+                                                       "vector kernels run faster on multiples of 8."),
     seed: int = typer.Option(0, "--seed", help="Seed of the distillation data."),
 ) -> None:
     """Remove whole channels of MODEL by importance, distil it from the unpruned net, write its weights."""

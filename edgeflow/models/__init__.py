@@ -29,9 +29,9 @@ def create(name: str = DEFAULT_MODEL, weights="default"):
     weights: "default" loads the weights edgeflow ships for `name` (an error if there are none),
     a path loads an edgeflow weight file, None leaves the He-initialised random weights.
     A pruned network's weight file (`edgeflow prune`) rebuilds the layers with its channel counts
-    and sets `model.pruning` to its pruning report. Weights imported from Caffe carry the fixed input means of the official network in their
-    meta (`caffe_mean_rgb`); the model then subtracts those, as Caffe does, instead of each
-    pair's own mean (`FlowNet2.input_mean`).
+    and sets `model.pruning` to its pruning report. Weights imported from Caffe carry the fixed
+    input means of the official network in their meta (`caffe_mean_rgb`); the model then
+    subtracts those, as Caffe does, instead of each pair's own mean (`FlowNet2.input_mean`).
     """
     from edgeflow.errors import InputError
     from edgeflow.models.stack import FlowNet2
