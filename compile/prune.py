@@ -241,11 +241,14 @@ def manifest_entry(model) -> dict:
 
 def save(model, name: str, path: str | os.PathLike) -> str:
     """Write pruned `model` (registry `name`) as an edgeflow weight file (fp32) whose meta holds
-    its report and channel counts, atomically; returns its sha256."""
+    its report and channel counts, atomically (creating its folder); returns its sha256."""
+    from pathlib import Path
+
     from edgeflow.models import PRUNING_KEY
     from edgeflow.models.channels import META_KEY, layer_channels
     from edgeflow.models.weights import save as save_weights
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_weights(model, name, path, half=False,
                         meta={PRUNING_KEY: model.pruning, META_KEY: layer_channels(model)})
 

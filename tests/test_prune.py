@@ -198,7 +198,7 @@ def test_bad_channel_counts_leave_the_model_alone(tmp_path):
 
 
 def test_cli_prune_writes_a_loadable_file(tmp_path, capsys):
-    out = tmp_path / "p.pt"
+    out = tmp_path / "new" / "p.pt"  # its folder is created
     assert main(["prune", "flownet2-s", "--ratio", "0.25", "--steps", "1", "--batch", "1", "--size", "64x128",
                  "-o", str(out)]) == 0
     assert "parameters 5.46 M ->" in capsys.readouterr().out
