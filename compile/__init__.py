@@ -80,6 +80,7 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
 
         signing_key = signing.load_private_key(sign)  # a bad key fails before minutes of compiling
         signer = signing.key_id(signing_key.public_key())
+    frontend.check_size(input_size)  # before minutes of pruning or compiling
     torch_model, model_info = _resolve_model(model, weights)
     if prune:
         torch_model = prune_model(torch_model, prune, calibration=calibration, progress=say)

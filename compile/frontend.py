@@ -20,6 +20,14 @@ class RelaxModel:
     param_names: list[str]
 
 
+def check_size(input_size) -> tuple[int, int]:
+    """(H, W) of `input_size`; InputError unless both are positive multiples of 64."""
+    h, w = (int(v) for v in input_size)
+    if h % 64 or w % 64 or h <= 0 or w <= 0:
+        raise InputError(f"input_size={h}x{w}: height and width must be positive multiples of 64, e.g. 448x1024")
+    return h, w
+
+
 def to_relax(model, input_size: tuple[int, int]) -> RelaxModel:
     """Export `model` (module(img1, img2) -> flow) at `input_size` (H, W) and import it to Relax.
 
@@ -31,9 +39,7 @@ def to_relax(model, input_size: tuple[int, int]) -> RelaxModel:
 
     from edgeflow.compile.ops import CUSTOM_CONVERT_MAP
 
-    h, w = input_size
-    if h % 64 or w % 64 or h <= 0 or w <= 0:
-        raise InputError(f"input_size={h}x{w}: height and width must be positive multiples of 64, e.g. 448x1024")
+    h, w = check_size(input_size)
     example = (torch.zeros(1, 3, h, w), torch.zeros(1, 3, h, w))
     with torch.no_grad():
         ep = torch.export.export(model.eval(), example)
