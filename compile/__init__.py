@@ -19,6 +19,8 @@ from typing import Callable
 from edgeflow.compile.prune import prune
 from edgeflow.errors import AccuracyError, InputError
 
+__all__ = ["compile", "prune", "CompileResult", "PRECISIONS", "TOLERANCE"]
+
 PRECISIONS = ("fp32", "fp16")
 # Largest EPE (pixels) between compiled and torch model accepted without force=True.
 TOLERANCE = {"fp32": 0.01, "fp16": 0.25}
@@ -100,8 +102,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
         epe = _measure_epe(torch_model, mod, params, board, ex, (h, w))
     tolerance = TOLERANCE[precision]
     if not epe <= tolerance and not force:  # NaN fails too
-        raise AccuracyError(f"compiled {name} differs from the torch model by EPE {epe:.4f} px "
-                            f"(tolerance {tolerance} px for {precision}); nothing written (force=True writes it anyway)")
+        raise AccuracyError(f"compiled {name} differs from the torch model by EPE {epe:.4f} px (tolerance "
+                            f"{tolerance} px for {precision}); nothing written (force=True writes it anyway)")
     say(f"package  {out}")
     files = {"params.npz": params_npz(param_names, params)}
     with _tempdir() as d:

@@ -2,10 +2,11 @@
 
 `instruction_classes(cubin, arch)` counts, per kernel, the instructions that decide where the
 arithmetic runs: tensor cores (HMMA fp16, IMMA int8), dp4a (IDP.4A), and the scalar/vector FMA
-pipes (FFMA fp32, HFMA2 packed fp16; not HFMA2.MMA, which ptxas uses to move constants). The tools are PyPI's `nvidia-cuda-cuobjdump` and
-`nvidia-cuda-nvdisasm`, installed by `make sass-tools` into `<venv>/cuda/tools`; the releases
-there (CUDA 13) read sm_87 but no longer sm_72 or older, so for those (and where the tools are
-absent) the counts are None: unknown, never assumed.
+pipes (FFMA fp32, HFMA2 packed fp16; not HFMA2.MMA, which ptxas uses to move constants). The
+tools are PyPI's `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm`, installed by `make
+sass-tools` into `<venv>/cuda/tools`; the releases there (CUDA 13) read sm_87 but no longer sm_72
+or older, so for those (and where the tools are absent) the counts are None: unknown, never
+assumed.
 """
 
 from __future__ import annotations

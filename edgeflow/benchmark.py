@@ -7,8 +7,8 @@ params.npz, so a `--weights random` package compares the same network) and its O
 (`edgeflow.onnx_export`) in ONNX Runtime. All three get the same prepared input (a generated
 pair at the package's input size) and the same thread count (torch.set_num_threads, ORT
 intra_op_num_threads, the Engine's `threads`), and none spins idle threads while another is
-timed; `effective_threads` (CPU time over wall time) shows the threads that ran. Before timing, the first call of each is
-checked: ORT must match torch to EPE 1e-3 px, the package must match torch within its
+timed; `effective_threads` (CPU time over wall time) shows the threads that ran. Before timing,
+the first call of each is checked: ORT must match torch to EPE 1e-3 px, the package must match torch within its
 precision's tolerance, or nothing is timed. Then `runs` rounds, each calling every framework
 once in turn (so a change of background load hits all alike); `ms` holds the medians of the
 network call alone: `Engine.run_tensor` (input copy in, VM call, flow out), the torch forward,

@@ -149,7 +149,8 @@ def write_package(out: str | os.PathLike, manifest: dict, files: dict[str, bytes
 
 def cache_root() -> Path:
     """Where packages are extracted: $EDGEFLOW_CACHE/packages, else ~/.cache/edgeflow/packages."""
-    base = os.environ.get("EDGEFLOW_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeflow"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    base = os.environ.get("EDGEFLOW_CACHE") or xdg / "edgeflow"
     return Path(base) / "packages"
 
 

@@ -295,7 +295,8 @@ def test_manifest_path_outside_the_package_is_refused(tmp_path):
     m["files"]["../x"] = hashlib.sha256(b"x").hexdigest()
     body = json.dumps(m, indent=1, sort_keys=True).encode()
     entries.update({"manifest.json": body, "manifest.sha256": hashlib.sha256(body).hexdigest().encode()})
-    refused(retar(tmp_path / "escape.tar", entries), r"manifest file '\.\./x' is not a relative path inside the package")
+    refused(retar(tmp_path / "escape.tar", entries),
+            r"manifest file '\.\./x' is not a relative path inside the package")
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
 
 

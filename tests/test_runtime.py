@@ -493,7 +493,8 @@ def test_cli_run_errors(package, tmp_path, capsys):
     bad = write_tar(tmp_path / "v9.tar", dict(manifest, format_version=9), files)
     assert main(["run", str(bad), str(tmp_path)]) == PackageError.exit_code
     err = capsys.readouterr().err.strip()
-    assert err == f"Error: {bad}: unknown package format version 9 (this runtime reads 2; recompile it with this edgeflow)"
+    assert err == (f"Error: {bad}: unknown package format version 9 (this runtime reads 2; "
+                   f"recompile it with this edgeflow)")
     assert main(["run", str(package), "ftp://example.com/x"]) == InputError.exit_code
     assert "choices: csi://, v4l2://, rtsp://, http://, https://, file://" in capsys.readouterr().err
 

@@ -20,7 +20,8 @@ def parse_curriculum(text: str) -> list[list[int]]:
             h, w = size.lower().split("x")
             out.append([int(step), int(h), int(w)])
     except ValueError:
-        raise InputError(f"--curriculum {text!r}: expected STEP:HxW[,STEP:HxW...], e.g. 0:256x320,20000:320x448") from None
+        raise InputError(f"--curriculum {text!r}: expected STEP:HxW[,STEP:HxW...], "
+                         f"e.g. 0:256x320,20000:320x448") from None
     if out[0][0] != 0 or any(h <= 0 or w <= 0 or h % 64 or w % 64 for _, h, w in out):
         raise InputError(f"--curriculum {text!r}: must start at step 0 with sizes that are positive multiples of 64")
     return out
