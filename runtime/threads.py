@@ -61,13 +61,16 @@ class PoolThread:
 
     def __init__(self, threads: int | None = None, name: str = "edgeflow-engine"):
         requested = check_threads(threads)
+        self._closed = False
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
         self.threads = self.call(_configure_pool, requested)
 
     def call(self, fn, *args):
-        """`fn(*args)` on the pool's thread; its exception is raised here."""
+        """`fn(*args)` on the pool's thread; its exception is raised here. InputError once closed."""
+        if self._closed:
+            raise InputError("this engine was closed; load the package again")
         done = threading.Event()
         box: list = []
         self._jobs.put((fn, args, box, done))
@@ -79,7 +82,9 @@ class PoolThread:
 
     def close(self) -> None:
         """Let the thread end (it is a daemon thread, so an unclosed one never blocks exit)."""
-        self._jobs.put(None)
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -547,3 +547,5 @@ def test_engine_threads_are_the_threads_that_run(package, rng):
         load(package, threads=0)
     for e in (one, two, default):
         e.close()
+    with pytest.raises(InputError, match="this engine was closed"):
+        one.run_tensor(x1, x2)
