@@ -33,8 +33,6 @@ class Engine:
         from edgeflow.runtime.format import device_index
         from edgeflow.runtime.threads import PoolThread
 
-        self._pool = PoolThread(threads)
-        self.threads = self._pool.threads
         self.manifest, self.signer = manifest, signer
         self.directory = Path(directory)
         kind = manifest["target"]["kind"]
@@ -59,6 +57,8 @@ class Engine:
         self._vm.save_function("main", _SAVED, *self._inputs, *self._params)
         self._main = self._vm[_SAVED]
         self._staging = [np.empty(shape, self.input_dtype) for _ in range(2)]
+        self._pool = PoolThread(threads)  # last: a library that fails to load leaves no thread behind
+        self.threads = self._pool.threads
 
     def __repr__(self) -> str:
         m = self.manifest
