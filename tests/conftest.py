@@ -24,6 +24,18 @@ def realflow() -> Path:
     return REALFLOW
 
 
+def count_video_frames(path) -> int:
+    """How many frames OpenCV decodes from the video at `path`."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    cap.release()
+    return count
+
+
 # Largest EPE (px) of a compiled package against its torch model, per precision: the tests' own
 # table, so that a change of the compiler's gate cannot loosen the tests with it.
 TOLERANCE = {"fp32": 0.01, "fp16": 0.25}

@@ -4,13 +4,14 @@ commands that have no home elsewhere (models, targets, train, make demo's module
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from edgeflow.errors import EXIT_INTERNAL, EXIT_USAGE, InputError
+from edgeflow.errors import EXIT_INTERNAL, EXIT_USAGE, EdgeflowError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_usage_and_input_errors_have_their_own_codes(capsys):
     assert code == EXIT_USAGE and err.startswith("Error: ") and len(err.strip().splitlines()) == 1
     code, _, err = run_main(["compile", "flownet2-x"], capsys)
     assert code == InputError.exit_code and err.startswith("Error: unknown model 'flownet2-x'")
-    codes = {c.exit_code for c in __import__("edgeflow.errors", fromlist=["x"]).EdgeflowError.__subclasses__()}
+    codes = {c.exit_code for c in EdgeflowError.__subclasses__()}
     assert len(codes) == 5 and EXIT_USAGE not in codes  # internal, input, package, accuracy, dependency
 
 
@@ -143,7 +144,7 @@ def test_make_demo_module(tmp_path):
 
     env = {"EDGEFLOW_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "edgeflow.demo", str(tmp_path / "out")], capture_output=True,
-                          text=True, env={**__import__("os").environ, **env}, timeout=900)
+                          text=True, env={**os.environ, **env}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["pairs"] == FRAMES - 1 and summary["weights"] == "default"

@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import count_video_frames
+
 from edgeflow.errors import InputError
 from edgeflow.runtime.pipeline import Result
 from edgeflow.runtime.sinks import CallableSink, DirectorySink, VideoSink, ZmqSink, open_sink
@@ -45,12 +47,7 @@ def test_video_sink_renames_on_close_and_removes_on_abort(tmp_path, rng):
         sink.write(result(i, rng))
     assert not path.exists() and sink.tmp.exists()  # complete only on close
     sink.close()
-    cap = cv2.VideoCapture(str(path))
-    count = 0
-    while cap.read()[0]:
-        count += 1
-    cap.release()
-    assert count == 4
+    assert count_video_frames(path) == 4
     assert [p.name for p in tmp_path.iterdir()] == ["flow.mp4"]
 
     with pytest.raises(RuntimeError):
