@@ -217,13 +217,16 @@ class _Layer:
     """A sprite (uint8 HxWx3 background or HxWx4 BGRA foreground) and its pose.
 
     The pose [cx, cy, angle, log scale] places sprite point `origin` at image point (cx, cy),
-    rotated by `angle` and scaled by exp(log scale) after the fixed linear map `base`.
+    rotated by `angle` and scaled by exp(log scale) after the fixed linear map `base`. A layer
+    with `deform` bends non-rigidly between the two frames of a pair: at the next poses, image
+    point q shows sprite point s + deform(s), s being the affine preimage of q.
     """
 
     sprite: np.ndarray
     origin: np.ndarray
     base: np.ndarray
     pose: np.ndarray
+    deform: np.ndarray | None = None  # sprite-space displacement (h x w x 2 px) at the next poses
 
     def matrix(self, pose: np.ndarray) -> np.ndarray:
         """2x3 affine sprite -> image at `pose`."""
@@ -378,8 +381,12 @@ def _flow_matrix(m0: np.ndarray, m1: np.ndarray) -> np.ndarray:
 
 
 def _render(layers: list[_Layer], poses: list[np.ndarray], h: int, w: int,
-            next_poses: list[np.ndarray] | None = None):
-    """Frame at `poses`: (uint8 h x w x 3, layer ids uint8 h x w, flow to `next_poses` or None)."""
+            next_poses: list[np.ndarray] | None = None, *, deformed: bool = False):
+    """Frame at `poses`: (uint8 h x w x 3, layer ids uint8 h x w, flow to `next_poses` or None).
+
+    `deformed` renders the layers' `deform` (the second frame of a pair); the flow to
+    `next_poses` assumes the next frame is rendered that way.
+    """
     grid = _grid(h, w)
     bg = layers[0]
     m = bg.matrix(poses[0])
@@ -391,23 +398,54 @@ def _render(layers: list[_Layer], poses: list[np.ndarray], h: int, w: int,
         layer = layers[k]
         m = layer.matrix(poses[k])
         sh, sw = layer.sprite.shape[:2]
-        corners = m[:, :2] @ np.array([[-1, sw, -1, sw], [-1, -1, sh, sh]]) + m[:, 2:]
+        bend = deformed and layer.deform is not None
+        pad = float(np.abs(layer.deform).max()) + 1 if bend else 0.0
+        corners = m[:, :2] @ np.array([[-1 - pad, sw + pad, -1 - pad, sw + pad],
+                                       [-1 - pad, -1 - pad, sh + pad, sh + pad]]) + m[:, 2:]
         x0, y0 = max(int(corners[0].min()), 0), max(int(corners[1].min()), 0)
         x1, y1 = min(int(corners[0].max()) + 2, w), min(int(corners[1].max()) + 2, h)
         if x1 <= x0 or y1 <= y0:
             continue
-        m_roi = m - [[0, 0, x0], [0, 0, y0]]
-        warped = cv2.warpAffine(layer.sprite, m_roi, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_CONSTANT)
+        if bend:
+            warped = _warp_bent(layer.sprite, m, layer.deform, grid[y0:y1, x0:x1])
+        else:
+            m_roi = m - [[0, 0, x0], [0, 0, y0]]
+            warped = cv2.warpAffine(layer.sprite, m_roi, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_CONSTANT)
         alpha = warped[:, :, 3]
         hard = alpha >= 128
         roi = img[y0:y1, x0:x1]
         roi += (warped[:, :, :3] - roi) * (alpha[:, :, None] * F32(1 / 255))
         ids[y0:y1, x0:x1][hard] = k
         if flow is not None:
-            f = cv2.transform(grid[y0:y1, x0:x1], _flow_matrix(m, layer.matrix(next_poses[k])))
+            m_next = layer.matrix(next_poses[k])
+            if layer.deform is None:
+                f = cv2.transform(grid[y0:y1, x0:x1], _flow_matrix(m, m_next))
+            else:
+                f = _bent_flow(grid[y0:y1, x0:x1], m, m_next, layer.deform)
             np.copyto(flow[y0:y1, x0:x1], f, where=hard[:, :, None])
     return cv2.convertScaleAbs(img), ids, flow
+
+
+def _warp_bent(sprite: np.ndarray, m: np.ndarray, deform: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The sprite seen at image `points` (h x w x 2 px) through affine `m` and `deform`."""
+    s = cv2.transform(points, cv2.invertAffineTransform(m))
+    s += cv2.remap(deform, s, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(sprite, s, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+
+def _bent_flow(points: np.ndarray, m0: np.ndarray, m1: np.ndarray, deform: np.ndarray) -> np.ndarray:
+    """Flow of image `points` of an unbent layer at affine m0 to the layer bent by `deform` at m1.
+
+    Sprite point sigma = m0^-1 p reappears at m1 s with s + deform(s) = sigma, solved by the
+    fixed-point iteration s = sigma - deform(s) (a contraction: deform's slope is below 0.4, so
+    ten steps leave under 1e-4 of its size).
+    """
+    sigma = cv2.transform(points, cv2.invertAffineTransform(m0))
+    s = sigma.copy()
+    for _ in range(10):
+        s = sigma - cv2.remap(deform, s, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.transform(s, m1) - points
 
 
 def _lut(gain=1.0, bias=0.0, gamma=1.0) -> np.ndarray:
@@ -460,24 +498,37 @@ def _photometric(rng: np.random.Generator, img1: np.ndarray, img2: np.ndarray):
 # Public API
 
 
-def generate_pair(rng: np.random.Generator, size: tuple[int, int] = (384, 512), *, photometric: bool = True,
-                  aux: bool = False):
-    """One FlyingChairs-like pair: (img1, img2 uint8 HxWx3 BGR, flow float32 HxWx2 from img1 to img2).
+STYLES = ("chairs", "natural")
 
-    Flow is exact in pixels (u right, v down) for every pixel of img1, occluded or not.
-    `photometric=False` skips the brightness/colour/blur/noise changes (img2 is then img1's
-    layers moved, nothing else). `aux=True` appends a dict: `layers1`, `layers2` (uint8 HxW index
-    of the topmost layer, 0 = background) and `occluded` (bool HxW: the pixel's layer is not what
-    img2 shows at the rounded target, or the target leaves the image).
+
+def generate_pair(rng: np.random.Generator, size: tuple[int, int] = (384, 512), *, photometric: bool = True,
+                  aux: bool = False, style: str = "chairs"):
+    """One pair: (img1, img2 uint8 HxWx3 BGR, flow float32 HxWx2 from img1 to img2).
+
+    `style` "chairs" is FlyingChairs-like (this module's notes); "natural" adds photographs,
+    1/f textures, bending layers, small motions, a panning camera and camera effects
+    (`edgeflow.synth_natural`). Flow is exact in pixels (u right, v down) for every pixel of
+    img1, occluded or not. `photometric=False` skips the brightness/colour/blur/noise changes
+    (img2 is then img1's layers moved, nothing else). `aux=True` appends a dict: `layers1`,
+    `layers2` (uint8 HxW index of the topmost layer, 0 = background) and `occluded` (bool HxW:
+    the pixel's layer is not what img2 shows at the rounded target, or the target leaves the
+    image).
     """
     h, w = int(size[0]), int(size[1])
-    layers = _scene(rng, h, w)
-    poses0 = [layer.pose for layer in layers]
-    poses1 = [p + _motion(rng, w, k == 0) for k, p in enumerate(poses0)]
-    img1, ids1, flow = _render(layers, poses0, h, w, poses1)
-    img2, ids2, _ = _render(layers, poses1, h, w)
-    if photometric:
-        img1, img2 = _photometric(rng, img1, img2)
+    if style == "natural":
+        from edgeflow.synth_natural import natural_pair
+
+        img1, img2, flow, ids1, ids2 = natural_pair(rng, h, w, photometric)
+    elif style == "chairs":
+        layers = _scene(rng, h, w)
+        poses0 = [layer.pose for layer in layers]
+        poses1 = [p + _motion(rng, w, k == 0) for k, p in enumerate(poses0)]
+        img1, ids1, flow = _render(layers, poses0, h, w, poses1)
+        img2, ids2, _ = _render(layers, poses1, h, w)
+        if photometric:
+            img1, img2 = _photometric(rng, img1, img2)
+    else:
+        raise InputError(f"synthetic style {style!r}: expected one of {', '.join(STYLES)}")
     if not aux:
         return img1, img2, flow
     return img1, img2, flow, {"layers1": ids1, "layers2": ids2, "occluded": _occluded(flow, ids1, ids2)}
@@ -566,11 +617,11 @@ def _bar(total: int, progress: bool, unit: str):
 
 
 def write_chairs(out_dir: str | os.PathLike, count: int, *, size: tuple[int, int] = (384, 512), seed: int = 0,
-                 progress: bool = True) -> Path:
+                 style: str = "chairs", progress: bool = True) -> Path:
     """Write `count` pairs in the FlyingChairs layout: NNNNN_img1.png, NNNNN_img2.png, NNNNN_flow.flo.
 
-    Numbering is 1-based with 5 digits. Pair i is drawn from `np.random.default_rng([seed, i])`,
-    so it does not depend on `count`. Every file is written atomically (temporary file, then
+    Numbering is 1-based with 5 digits. Pair i is drawn from `np.random.default_rng([seed, i])`
+    in `style` (see `generate_pair`), so it does not depend on `count`. Every file is written atomically (temporary file, then
     rename) and the flow last, so a killed run leaves only complete pairs plus at most two images.
     """
     from edgeflow.flow_io import write_flow
@@ -580,7 +631,7 @@ def write_chairs(out_dir: str | os.PathLike, count: int, *, size: tuple[int, int
     out.mkdir(parents=True, exist_ok=True)
     with _bar(count, progress, "pair") as bar:
         for i in range(1, count + 1):
-            img1, img2, flow = generate_pair(np.random.default_rng([seed, i]), (h, w))
+            img1, img2, flow = generate_pair(np.random.default_rng([seed, i]), (h, w), style=style)
             _write_png(out / f"{i:05d}_img1.png", img1)
             _write_png(out / f"{i:05d}_img2.png", img2)
             write_flow(out / f"{i:05d}_flow.flo", flow)

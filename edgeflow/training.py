@@ -46,6 +46,8 @@ class TrainConfig:
     heldout_pairs: int = 64
     heldout_size: tuple = (384, 512)
     init_from: str | None = "default"  # weights of the frozen earlier stages of a stack
+    init: str | None = None  # weights of the whole model at step 0 ("default": the shipped ones), to fine-tune
+    natural: float = 0.0  # fraction of training pairs drawn in the natural style (edgeflow.synth_natural)
     ema: float = 0.999  # per-step decay of the weight average that is evaluated and shipped
 
     def __post_init__(self):
@@ -73,13 +75,14 @@ class TrainConfig:
         return min(self.ema, (1 + step) / (10 + step))
 
 
-def heldout_set(count: int, size: tuple[int, int], seed: int = 987654):
+def heldout_set(count: int, size: tuple[int, int], seed: int = 987654, style: str = "chairs"):
     """The held-out synthetic pairs: the same as `edgeflow synth DIR --count COUNT --size HxW
-    --seed SEED` writes (pair i from `default_rng([seed, i])`, i = 1..count). Training draws
-    from `[seed * 1000 + step, worker]` with seed * 1000 + step < 987654, so the sets are disjoint."""
+    --seed SEED --style STYLE` writes (pair i from `default_rng([seed, i])`, i = 1..count).
+    Training draws from `[seed * 1000 + step, worker]` with seed * 1000 + step < 987654, so the
+    sets are disjoint."""
     from edgeflow.synth import generate_pair
 
-    return [generate_pair(np.random.default_rng([seed, i]), size) for i in range(1, count + 1)]
+    return [generate_pair(np.random.default_rng([seed, i]), size, style=style) for i in range(1, count + 1)]
 
 
 def to_tensor_pair(img1: np.ndarray, img2: np.ndarray):
@@ -106,15 +109,17 @@ def _chw(a: np.ndarray) -> torch.Tensor:
 class PairStream(torch.utils.data.IterableDataset):
     """An endless stream of augmented synthetic pairs, seeded per worker.
 
-    Pairs are rendered at `scene` (H, W) and a random crop is cut from each. Items are
+    Pairs are rendered at `scene` (H, W), a fraction `natural` of them in the natural style, and
+    a random crop is cut from each. Items are
     (img1 [3,H,W] float RGB in [0,1], img2, flow [2,H,W] in pixels). The crop size (H, W) is
     read from `size_value`, a shared array the trainer moves along the curriculum.
     """
 
-    def __init__(self, seed: int, size_value, scene: tuple[int, int]):
+    def __init__(self, seed: int, size_value, scene: tuple[int, int], natural: float = 0.0):
         self.seed = seed
         self.size_value = size_value
         self.scene = tuple(scene)
+        self.natural = natural
 
     def __iter__(self):
         import cv2
@@ -126,7 +131,8 @@ class PairStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
         while True:
             h, w = self.size_value[:]
-            img1, img2, flow = generate_pair(rng, self.scene)
+            style = "natural" if self.natural and rng.random() < self.natural else "chairs"
+            img1, img2, flow = generate_pair(rng, self.scene, style=style)
             y = int(rng.integers(0, self.scene[0] - h + 1))
             x = int(rng.integers(0, self.scene[1] - w + 1))
             crop = np.s_[y:y + h, x:x + w]
@@ -177,7 +183,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     """Train `config.model`, resuming from `out_dir/ckpt.pt` if it exists; returns the last log row.
 
     Writes out_dir/ckpt.pt (model, weight average, optimiser, step, config), out_dir/log.jsonl
-    (one JSON row per evaluation: step, loss, lr, pairs_per_s, heldout_epe) and out_dir/best.pt
+    (one JSON row per evaluation: step, loss, lr, pairs_per_s, heldout_epe; heldout_natural_epe with --natural) and out_dir/best.pt
     (an edgeflow weight file of the best held-out EPE so far). Evaluation, best.pt and the returned row are
     of the weight average (`config.ema`), not of the weights the optimiser last left.
     """
@@ -194,12 +200,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
     torch.manual_seed(config.seed)
-    model = create(config.model, weights=None)
+    model = create(config.model, weights=config.init)
     stages = spec(config.model).stages
     train_from = len(stages) - 1
-    if train_from and config.init_from:
+    if train_from and config.init_from and not config.init:
         _init_frozen_stages(model, stages, config.init_from)
-    if train_from:
+    if train_from and not config.init:
         start_from_previous_stage(model)
     for i, name in enumerate(model.names):
         getattr(model, name).requires_grad_(i >= train_from)
@@ -217,8 +223,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
         average.load_state_dict(ck["ema"])
     averaged = [dict(average.named_parameters())[n] for n in trained]
     heldout = heldout_set(config.heldout_pairs, config.heldout_size)
+    heldout_natural = heldout_set(config.heldout_pairs, config.heldout_size, style="natural") if config.natural else []
     size_value = mp.get_context("spawn").Array("i", config.size_at(step), lock=False)
-    loader = DataLoader(PairStream(config.seed * 1000 + step, size_value, config.scene), batch_size=config.batch,
+    loader = DataLoader(PairStream(config.seed * 1000 + step, size_value, config.scene, config.natural),
+                        batch_size=config.batch,
                         num_workers=config.workers, persistent_workers=config.workers > 0,
                         prefetch_factor=4 if config.workers else None,
                         # OpenCV's thread pool does not survive fork: start workers fresh
@@ -244,18 +252,23 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", size="x".join(map(str, size_value[:])))
         if step % config.eval_every == 0 or step == config.steps:
-            err = evaluate_pairs(average, heldout)
             rate = pairs / (time.time() - t0)
+            err = evaluate_pairs(average, heldout)
             last = {"step": step, "loss": round(loss.item(), 4), "lr": config.lr_at(step - 1),
-                    "size": list(size_value[:]), "pairs_per_s": round(rate, 2), "heldout_epe": round(err, 4),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "size": list(size_value[:]), "pairs_per_s": round(rate, 2), "heldout_epe": round(err, 4)}
+            if heldout_natural:  # choose on both styles' held-out sets
+                natural_err = evaluate_pairs(average, heldout_natural)
+                last["heldout_natural_epe"] = round(natural_err, 4)
+                err = (err + natural_err) / 2
+            last["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.write(json.dumps(last))
             if err < best:
                 best = err
                 wio.save(average, config.model, out / "best.pt",
-                         meta={"step": step, "heldout_epe": err, "config": asdict(config)})
+                         meta={"step": step, "heldout_epe": last["heldout_epe"], "selection_epe": err,
+                               "config": asdict(config)})
             _atomic_save({"model": model.state_dict(), "ema": average.state_dict(), "optimizer": opt.state_dict(),
                           "step": step, "best": best, "config": asdict(config)}, ckpt_path)
             t0, pairs = time.time(), 0

@@ -39,6 +39,10 @@ def train_cmd(
     seed: int = typer.Option(0, help="Seed of the model initialisation and the data."),
     workers: int = typer.Option(1, help="Data generation processes."),
     eval_every: int = typer.Option(1000, help="Steps between held-out evaluations and checkpoints."),
+    init: str = typer.Option(None, "--init",
+                             help="Start from these weights (a file, or 'default': the shipped ones) to fine-tune."),
+    natural: float = typer.Option(0.0, "--natural",
+                                  help="Fraction of pairs in the natural style (photographs, camera effects)."),
     ship: bool = typer.Option(False, "--ship", help="Afterwards install best.pt as the model's shipped weights."),
 ) -> None:
     """Train MODEL on synthetic pairs generated on the fly (stacks: earlier stages frozen)."""
@@ -48,10 +52,14 @@ def train_cmd(
     from edgeflow.models import spec
     from edgeflow.training import TrainConfig, train
 
+    from edgeflow.errors import InputError
+
     spec(model)
+    if not 0.0 <= natural <= 1.0:
+        raise InputError(f"--natural {natural}: expected a fraction between 0 and 1")
     config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay,
                          curriculum=parse_curriculum(curriculum), scene=parse_size(scene, "--scene"), seed=seed,
-                         workers=workers, eval_every=eval_every)
+                         workers=workers, eval_every=eval_every, init=init, natural=natural)
     last = train(config, out)
     typer.echo(json.dumps(last))
     if ship:
