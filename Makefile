@@ -10,7 +10,7 @@ CUDA_PINS = $(shell $(PYTHON) -c 'import json,sys; print(" ".join(json.load(open
 CUDA_RELEASES := $(shell $(PYTHON) -c 'import json; print(" ".join(k for k in json.load(open("$(BOARDS)"))["_cuda_releases"] if k[0] != "_"))')
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean cross-compiler sass-tools browser $(addprefix cuda-,$(CUDA_RELEASES))
+.PHONY: install test demo bench train-gpu clean cross-compiler sass-tools browser $(addprefix cuda-,$(CUDA_RELEASES))
 
 $(STAMP): pyproject.toml Makefile $(BOARDS)
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench: install
 	$(BIN)/python bench/correlation.py --json > out/bench/correlation.json.tmp
 	mv out/bench/correlation.json.tmp out/bench/correlation.json
 	cat out/bench/flownet2-s-host-384x512.json out/bench/pipeline.json out/bench/correlation.json
+
+# Time-boxed training on a machine with an NVIDIA GPU and torch (bench/train_gpu.sh says how);
+# no install step: it also runs where no package registry can be reached. Not part of `make test`.
+train-gpu:
+	bash bench/train_gpu.sh
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -48,6 +48,8 @@ class TrainConfig:
     init_from: str | None = "default"  # weights of the frozen earlier stages of a stack
     init: str | None = None  # weights of the whole model at step 0 ("default": the shipped ones), to fine-tune
     natural: float = 0.0  # fraction of training pairs drawn in the natural style (edgeflow.synth_natural)
+    device: str = "cpu"  # torch device of the model: "cpu" or "cuda"
+    bf16: bool = False  # forward and backward under bfloat16 autocast (weights, optimiser and loss in fp32)
     ema: float = 0.999  # per-step decay of the weight average that is evaluated and shipped
 
     def __post_init__(self):
@@ -161,14 +163,15 @@ def multiscale_loss(pyramid, flow):
 
 
 def evaluate_pairs(model, pairs) -> float:
-    """Mean EPE (pixels) of `model` on a list of (img1, img2, flow) numpy pairs."""
+    """Mean EPE (pixels) of `model` on a list of (img1, img2, flow) numpy pairs, on the model's device."""
     from edgeflow.metrics import epe
 
+    device = next(model.parameters()).device
     errs = []
     with torch.no_grad():
         for img1, img2, flow in pairs:
-            a, b = to_tensor_pair(img1, img2)
-            pred = model(a, b)[0].permute(1, 2, 0).numpy()
+            a, b = (t.to(device) for t in to_tensor_pair(img1, img2))
+            pred = model(a, b)[0].float().permute(1, 2, 0).cpu().numpy()
             errs.append(epe(pred, flow))
     return float(np.mean(errs))
 
@@ -179,14 +182,20 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, budget_s: float | None = None,
+          checkpoint_s: float | None = None) -> dict:
     """Train `config.model`, resuming from `out_dir/ckpt.pt` if it exists; returns the last log row.
+
+    `budget_s` stops the run after that many seconds of wall-clock time, with a checkpoint (the
+    run resumes from it later); `checkpoint_s` also writes the checkpoint that often between
+    evaluations, so that a run cut off from outside loses at most that much.
 
     Writes out_dir/ckpt.pt (model, weight average, optimiser, step, config), out_dir/log.jsonl
     (one JSON row per evaluation: step, loss, lr, pairs_per_s, heldout_epe; heldout_natural_epe with --natural) and out_dir/best.pt
     (an edgeflow weight file of the best held-out EPE so far). Evaluation, best.pt and the returned row are
     of the weight average (`config.ema`), not of the weights the optimiser last left.
     """
+    import contextlib
     import copy
     import multiprocessing as mp
 
@@ -199,6 +208,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
+    started = time.time()
+    device = torch.device(config.device)
     torch.manual_seed(config.seed)
     model = create(config.model, weights=config.init)
     stages = spec(config.model).stages
@@ -209,6 +220,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
         start_from_previous_stage(model)
     for i, name in enumerate(model.names):
         getattr(model, name).requires_grad_(i >= train_from)
+    model.to(device)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(trained.values())
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -230,19 +242,30 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
                         num_workers=config.workers, persistent_workers=config.workers > 0,
                         prefetch_factor=4 if config.workers else None,
                         # OpenCV's thread pool does not survive fork: start workers fresh
-                        multiprocessing_context="spawn" if config.workers else None)
+                        multiprocessing_context="spawn" if config.workers else None,
+                        pin_memory=device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.bf16 else contextlib.nullcontext
+
+    def save_checkpoint():
+        _atomic_save({"model": model.state_dict(), "ema": average.state_dict(), "optimizer": opt.state_dict(),
+                      "step": step, "best": best, "config": asdict(config)}, ckpt_path)
+        return time.time(), step
+
     bar = tqdm(total=config.steps, initial=step, disable=not progress, dynamic_ncols=True)
     it = iter(loader)
     t0, pairs, last = time.time(), 0, {}
+    saved, saved_step = t0, step  # when and at which step the checkpoint was last written
     model.train()
     while step < config.steps:
         size_value[:] = config.size_at(step)
-        img1, img2, flow = next(it)
+        img1, img2, flow = (t.to(device, non_blocking=True) for t in next(it))
         if tuple(img1.shape[2:]) != tuple(size_value[:]):
             continue  # batch from before a curriculum change
         for g in opt.param_groups:
             g["lr"] = config.lr_at(step)
-        loss = multiscale_loss(model.pyramids(img1, img2, train_from=train_from), flow)
+        with autocast():
+            pyramid = model.pyramids(img1, img2, train_from=train_from)
+        loss = multiscale_loss([p.float() for p in pyramid], flow)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -269,9 +292,15 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
                 wio.save(average, config.model, out / "best.pt",
                          meta={"step": step, "heldout_epe": last["heldout_epe"], "selection_epe": err,
                                "config": asdict(config)})
-            _atomic_save({"model": model.state_dict(), "ema": average.state_dict(), "optimizer": opt.state_dict(),
-                          "step": step, "best": best, "config": asdict(config)}, ckpt_path)
+            saved, saved_step = save_checkpoint()
             t0, pairs = time.time(), 0
+        out_of_time = budget_s is not None and time.time() - started >= budget_s
+        due = checkpoint_s is not None and time.time() - saved >= checkpoint_s
+        if (due or out_of_time) and saved_step != step:
+            saved, saved_step = save_checkpoint()
+        if out_of_time:
+            bar.write(f"stopped at step {step}: the {budget_s:.0f} s budget is spent (resume with the same command)")
+            break
     bar.close()
     return last
 

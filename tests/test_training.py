@@ -158,3 +158,55 @@ def test_a_stacked_stage_starts_as_a_copy_of_the_previous_one():
     with torch.no_grad():
         torch.testing.assert_close(ss(img1, img2), s(img1, img2))
     assert not start_from_previous_stage(create("flownet2-cs", weights=None))
+
+
+def test_budget_stops_with_a_checkpoint_and_the_run_resumes(tmp_path):
+    """A wall-clock budget ends the run between evaluations with a checkpoint of the step reached."""
+    out = tmp_path / "run"
+    config = TrainConfig(model="flownet2-s", steps=50, **{**TINY, "eval_every": 1000})
+    last = train(config, out, progress=False, budget_s=0.01)
+    assert last == {}  # stopped before any evaluation...
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 1  # ...after the first step, and saved it
+    train(TrainConfig(model="flownet2-s", steps=3, **{**TINY, "eval_every": 1000}), out, progress=False)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_fine_tune_from_weights_on_a_natural_mix_in_bf16(tmp_path):
+    """--init starts from the given weights; --natural logs the natural held-out set; bf16 trains."""
+    from edgeflow.models import create
+    from edgeflow.models.weights import save
+
+    torch.manual_seed(3)
+    start = create("flownet2-s", weights=None)
+    save(start, "flownet2-s", tmp_path / "start.pt", half=False)
+    out = tmp_path / "run"
+    config = TrainConfig(model="flownet2-s", steps=1, lr=0.0, init=str(tmp_path / "start.pt"), natural=1.0,
+                         bf16=True, **{**TINY, "eval_every": 1})
+    row = train(config, out, progress=False)
+    assert row["heldout_natural_epe"] > 0 and row["heldout_epe"] > 0
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    for k, w in start.state_dict().items():  # lr 0: still the starting weights
+        torch.testing.assert_close(ck["model"][k], w)
+
+
+def test_pair_stream_mixes_styles():
+    import multiprocessing as mp
+
+    size = mp.Array("i", [64, 64], lock=False)
+    chairs = next(iter(PairStream(5, size, (64, 128), natural=0.0)))
+    natural = next(iter(PairStream(5, size, (64, 128), natural=1.0)))
+    assert chairs[0].shape == natural[0].shape == (3, 64, 64)
+    assert not torch.equal(chairs[0], natural[0])
+
+
+def test_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
+    from edgeflow.cli import main
+    from edgeflow.errors import InputError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert main(["train", "flownet2-s", "--out", str(tmp_path / "run"), "--device", "cuda"]) == InputError.exit_code
+    assert "--device cuda" in capsys.readouterr().err
+    assert main(["train", "flownet2-s", "--out", str(tmp_path / "run"), "--budget-minutes", "0"]) == InputError.exit_code
+    assert not (tmp_path / "run").exists()

@@ -43,6 +43,12 @@ def train_cmd(
                              help="Start from these weights (a file, or 'default': the shipped ones) to fine-tune."),
     natural: float = typer.Option(0.0, "--natural",
                                   help="Fraction of pairs in the natural style (photographs, camera effects)."),
+    device: str = typer.Option("cpu", "--device", help="Train on cpu or cuda (an NVIDIA GPU)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the forward and backward passes."),
+    budget_minutes: float = typer.Option(None, "--budget-minutes",
+                                         help="Stop after this much wall-clock time, with a checkpoint."),
+    checkpoint_minutes: float = typer.Option(None, "--checkpoint-minutes",
+                                             help="Also write the checkpoint this often between evaluations."),
     ship: bool = typer.Option(False, "--ship", help="Afterwards install best.pt as the model's shipped weights."),
 ) -> None:
     """Train MODEL on synthetic pairs generated on the fly (stacks: earlier stages frozen)."""
@@ -57,10 +63,21 @@ def train_cmd(
     spec(model)
     if not 0.0 <= natural <= 1.0:
         raise InputError(f"--natural {natural}: expected a fraction between 0 and 1")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: torch sees no CUDA GPU on this machine")
+    for flag, value in (("--budget-minutes", budget_minutes), ("--checkpoint-minutes", checkpoint_minutes)):
+        if value is not None and not value > 0:
+            raise InputError(f"{flag} {value}: expected a positive number of minutes")
     config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay,
                          curriculum=parse_curriculum(curriculum), scene=parse_size(scene, "--scene"), seed=seed,
-                         workers=workers, eval_every=eval_every, init=init, natural=natural)
-    last = train(config, out)
+                         workers=workers, eval_every=eval_every, init=init, natural=natural, device=device, bf16=bf16)
+    minutes = {"budget_s": budget_minutes, "checkpoint_s": checkpoint_minutes}
+    last = train(config, out, **{k: v * 60 for k, v in minutes.items() if v is not None})
     typer.echo(json.dumps(last))
     if ship:
         from pathlib import Path

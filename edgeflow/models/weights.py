@@ -125,7 +125,7 @@ def save(model, name: str, path: str | os.PathLike, *, meta: dict | None = None,
     """Write `model`'s weights as an edgeflow weight file, atomically; returns its sha256."""
     import torch
 
-    sd = {k: (v.half() if half and v.is_floating_point() else v).clone()
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().to("cpu", copy=True)
           for k, v in model.state_dict().items()}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
