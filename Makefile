@@ -10,7 +10,7 @@ CUDA_PINS = $(shell $(PYTHON) -c 'import json,sys; print(" ".join(json.load(open
 CUDA_RELEASES := $(shell $(PYTHON) -c 'import json; print(" ".join(k for k in json.load(open("$(BOARDS)"))["_cuda_releases"] if k[0] != "_"))')
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench train-gpu clean cross-compiler sass-tools browser $(addprefix cuda-,$(CUDA_RELEASES))
+.PHONY: install test demo bench train-gpu gpu-kit gpu-check clean cross-compiler sass-tools browser $(addprefix cuda-,$(CUDA_RELEASES))
 
 $(STAMP): pyproject.toml Makefile $(BOARDS)
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,14 @@ bench: install
 # no install step: it also runs where no package registry can be reached. Not part of `make test`.
 train-gpu:
 	bash bench/train_gpu.sh
+
+# Our CUDA kernels as a kit for a GPU machine without TVM (bench/gpu_check.py says how), and the
+# checks that machine runs on it (bench/gpu_check.sh). Neither is part of `make test`.
+gpu-kit: install
+	$(BIN)/python bench/gpu_check.py prepare out/gpu-kit
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
