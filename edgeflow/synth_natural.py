@@ -50,7 +50,9 @@ def photo_bank() -> tuple[np.ndarray, ...]:
     data = Path(spec.submodule_search_locations[0]) / "data"
     out = []
     for name in PHOTOS:
-        img = cv2.imread(str(data / name), cv2.IMREAD_COLOR)
+        path = data / name
+        img = cv2.imdecode(np.frombuffer(_without_colour_profile(path.read_bytes()), np.uint8), cv2.IMREAD_COLOR) \
+            if path.is_file() else None
         if img is None:
             raise MissingDependency(f"{data / name}: a scikit-image sample photograph is missing; "
                                          f"reinstall scikit-image")
@@ -59,6 +61,21 @@ def photo_bank() -> tuple[np.ndarray, ...]:
             img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         out.append(img)
     return tuple(out)
+
+
+def _without_colour_profile(data: bytes) -> bytes:
+    """PNG bytes without their iCCP chunk (libpng warns about page.png's on every load; OpenCV
+    ignores colour profiles anyway); other bytes unchanged."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return data
+    out, pos = [data[:8]], 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length
+        if data[pos + 4:pos + 8] != b"iCCP":
+            out.append(data[pos:end])
+        pos = end
+    return b"".join(out)
 
 
 def _spectral(rng: np.random.Generator, n: int) -> np.ndarray:
