@@ -89,8 +89,9 @@ def _drop_device_imports(module) -> None:
             _drop_device_imports(c)
 
 
-def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
-    """Target-independent rewrites: mixed precision, then parameter transforms done once here.
+def prepare(mod, params: list, names: list[str], precision: str = "fp32", cuda: bool = False):
+    """Rewrites before lowering: for CUDA (`cuda`), deconvolutions split by output phase
+    (`cuda_convs.split_deconvolutions`); mixed precision; then parameter transforms done once here.
 
     fp16: convolutions in fp16 with fp32 accumulation, correlation and warp on fp16 data
     (`ops.to_fp16`). The casts and reshapes that depend only on parameters (fp16 weights, biases
@@ -103,6 +104,10 @@ def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
     import tvm
     from tvm import relax
 
+    if cuda:
+        from edgeflow.compile.cuda_convs import split_deconvolutions
+
+        mod = split_deconvolutions(mod)
     if precision == "fp16":
         from edgeflow.compile.ops import to_fp16
 
@@ -160,7 +165,9 @@ def _build(mod, board):
         mod = relax.get_pipeline("zero")(mod)
         mod = _apply_hand_schedules(mod, target, board)
         if board.is_cuda:
-            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+            from edgeflow.compile.cuda_convs import TensorCoreConv
+
+            mod = dl.ApplyDefaultSchedule(TensorCoreConv(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         else:
             mod = cpu_schedules.schedule(mod)
