@@ -165,10 +165,10 @@ def _build(mod, board):
         mod = relax.get_pipeline("zero")(mod)
         mod = _apply_hand_schedules(mod, target, board)
         if board.is_cuda:
-            from edgeflow.compile.cuda_convs import TensorCoreConv
+            from edgeflow.compile.cuda_convs import NarrowConv, TensorCoreConv
 
-            mod = dl.ApplyDefaultSchedule(TensorCoreConv(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            mod = dl.ApplyDefaultSchedule(TensorCoreConv(), NarrowConv(), dl.gpu.Matmul(), dl.gpu.GEMV(),
+                                          dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         else:
             mod = cpu_schedules.schedule(mod)
     if not board.is_cuda:
