@@ -128,6 +128,42 @@ def split_deconvolutions(mod):
     return out
 
 
+def cast_before_concat(mod):
+    """`astype(concat(xs), fp16)` of fp32 tensors becomes `concat([astype(x, fp16) for x in xs])`
+    (the same values), and identical casts are merged. After mixed precision the decoder's skip
+    connections leave their convolution in fp32, are cast to fp16 by a kernel of their own for
+    the next convolution, and are read again in fp32 by the concatenation, which is cast after:
+    with the casts first, every convolution writes fp16 once (its cast fused into it) and the
+    concatenation moves half the bytes."""
+    import tvm
+    from tvm import relax
+
+    concat_op, cast_op = tvm.ir.Op.get("relax.concat"), tvm.ir.Op.get("relax.astype")
+
+    @relax.expr_functor.mutator
+    class Hoist(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (call.op.same_as(cast_op) and str(call.attrs.dtype) == "float16"
+                    and isinstance(call.args[0], relax.Var)):
+                return call
+            cat = self.lookup_binding(call.args[0])
+            if not (isinstance(cat, relax.Call) and cat.op.same_as(concat_op)
+                    and isinstance(cat.args[0], relax.Tuple)):
+                return call
+            fields = [self.builder_.emit(relax.op.astype(x, "float16")) for x in cat.args[0].fields]
+            return relax.op.concat(fields, axis=int(cat.attrs.axis))
+
+    out = mod
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator = Hoist(out)
+            new_func = mutator.visit_expr(func)
+            out = mutator.builder_.get()
+            out[gv] = relax.analysis.remove_all_unused(new_func)
+    return relax.transform.CanonicalizeBindings()(relax.transform.EliminateCommonSubexpr()(out))
+
+
 # --------------------------------------------------------------------------------------------
 # tensor-core schedule for narrow fp16 convolutions (dlight rule)
 

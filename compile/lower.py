@@ -91,7 +91,8 @@ def _drop_device_imports(module) -> None:
 
 def prepare(mod, params: list, names: list[str], precision: str = "fp32", cuda: bool = False):
     """Rewrites before lowering: for CUDA (`cuda`), deconvolutions split by output phase
-    (`cuda_convs.split_deconvolutions`); mixed precision; then parameter transforms done once here.
+    (`cuda_convs.split_deconvolutions`); mixed precision (for CUDA with fp16 casts moved before
+    concatenations, `cuda_convs.cast_before_concat`); then parameter transforms done once here.
 
     fp16: convolutions in fp16 with fp32 accumulation, correlation and warp on fp16 data
     (`ops.to_fp16`). The casts and reshapes that depend only on parameters (fp16 weights, biases
@@ -112,6 +113,10 @@ def prepare(mod, params: list, names: list[str], precision: str = "fp32", cuda: 
         from edgeflow.compile.ops import to_fp16
 
         mod = to_fp16(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
+        if cuda:
+            from edgeflow.compile.cuda_convs import cast_before_concat
+
+            mod = cast_before_concat(mod)
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = mod["main_transform_params"].with_attr("global_symbol", "main")
     vm = relax.VirtualMachine(tvm.compile(tvm.IRModule({"main": lifted}), target="llvm"), tvm.cpu())

@@ -60,6 +60,39 @@ def test_split_deconvolution_matches_torch(cin, cout, kernel, stride, pad, out_p
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.tvm
+def test_cast_before_concat_keeps_values():
+    import tvm
+    from tvm import relax
+    from tvm.script import ir as I, relax as R
+
+    from edgeflow.compile.cuda_convs import cast_before_concat
+
+    @I.ir_module
+    class Skip:  # a skip connection: one fp32 activation read by a convolution (fp16) and a concat
+        @R.function
+        def main(a: R.Tensor((1, 2, 4, 4), "float32"), b: R.Tensor((1, 3, 4, 4), "float32")):
+            with R.dataflow():
+                x = R.nn.leakyrelu(a, alpha=0.1)
+                xh = R.astype(x, "float16")
+                c = R.concat((x, b), axis=1)
+                ch = R.astype(c, "float16")
+                gv = (xh, ch)
+                R.output(gv)
+            return gv
+
+    mod = cast_before_concat(Skip)
+    text = mod.script()
+    assert text.count("R.astype(x,") == 1 and 'R.concat((xh, ' in text  # one cast, shared
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((1, 2, 4, 4), "float32"), rng.standard_normal((1, 3, 4, 4), "float32")
+    xh, ch = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b))
+    x = np.where(a > 0, a, np.float32(0.1) * a)
+    np.testing.assert_array_equal(ch.numpy(), np.concatenate([x, b], 1).astype("float16"))
+    np.testing.assert_array_equal(xh.numpy(), x.astype("float16"))
+
+
 @pytest.fixture(scope="module")
 def fp16_package(tmp_path_factory):
     from edgeflow.compile import compile
