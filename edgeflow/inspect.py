@@ -151,7 +151,8 @@ def format_report(report: dict) -> str:
                      f"kernels, {conv['tensor_core_flops_share']:.0%} of their FLOPs")
     if s["predicted_ms"] is not None:
         lo, hi = s["predicted_range_ms"]
-        kinds = ", ".join(f"{kind.replace('_', ' ')} {v[0]:.2f}-{v[1]:.2f}" for kind, v in s["predicted_by_kind_ms"].items())
+        kinds = ", ".join(f"{kind.replace('_', ' ')} {v[0]:.2f}-{v[1]:.2f}"
+                          for kind, v in s["predicted_by_kind_ms"].items())
         lines.append(f"{PREDICTION}: {lo:.2f} to {hi:.2f} ms per inference ({1e3 / hi:.0f} to {1e3 / lo:.0f} fps), "
                      f"about {s['predicted_ms']:.2f} ms, on {b['name']} ({s['flops'] / 1e9:.3f} GFLOP, "
                      f"{s['bytes'] / 1e6:.2f} MB; ms by kind: {kinds})")

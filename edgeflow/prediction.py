@@ -44,7 +44,8 @@ from __future__ import annotations
 import math
 
 KINDS = ("tensor_core", "fma_gemm", "memory", "correlation")
-# (worst, best) achievable fraction of the kind's compute peak; see the module docstring.
+# (worst, best) achievable fraction of the kind's compute peak; see the module docstring. Memory-
+# bound kernels' little arithmetic runs on the FMA pipes.
 FRACTIONS = {"tensor_core": (0.20, 0.45), "fma_gemm": (0.30, 0.70), "memory": (0.30, 0.70),
              "correlation": (0.15, 0.40)}
 MEMORY_FRACTION = (0.50, 0.80)  # (worst, best) of the datasheet DRAM bandwidth
