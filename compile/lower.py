@@ -1,7 +1,8 @@
 """Lowering per target: Relax -> a TVM executable, with ahead-of-time device code for Jetsons.
 
-CUDA: mixed precision when asked, our hand schedules for the custom ops, dlight's default GPU
-schedules for the rest; TVM's CUDA codegen gives CUDA C, which `cuda_toolchain` compiles with the
+CUDA: mixed precision when asked, our hand schedules for the custom ops, our convolution rules
+(`cuda_convs`: deconvolutions split by output phase, tensor cores for narrow fp16 convolutions, a
+thread per pixel for the 2-channel flow heads) and dlight's default GPU schedules for the rest; TVM's CUDA codegen gives CUDA C, which `cuda_toolchain` compiles with the
 NVRTC/ptxas of the board's CUDA release into a cubin; the host part is cross-compiled for aarch64.
 CPU: our convolution computes and schedules (`cpu_schedules`), LLVM for the board's (or this
 machine's) CPU.
