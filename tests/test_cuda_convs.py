@@ -177,3 +177,33 @@ def test_xavier_fp16_still_compiles(tmp_path):
     kinds = {k["kind"] for k in report["kernels"] if "conv2d" in k["name"]}
     assert "tensor_core" in kinds  # from the TIR's fp16 work
     assert targets.get("jetson-agx-xavier").cuda_arch == "sm_72"
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("channels", [2, 8])
+def test_narrow_conv_schedule_numerics(channels):
+    """The one-thread-per-pixel schedule of a flow head (fp16 data, fp32 accumulation, bias),
+    run on the CPU with its thread bindings made serial, against numpy."""
+    import tvm
+    from tvm import te, topi
+
+    from edgeflow.compile.cuda_convs import NarrowConv
+    from edgeflow.compile.ops import verify
+
+    x = te.placeholder((1, 10, 6, 9), "float16", name="x")
+    w = te.placeholder((channels, 10, 3, 3), "float16", name="w")
+    b = te.placeholder((1, channels, 1, 1), "float32", name="b")
+    out = topi.add(topi.nn.conv2d_nchw(x, w, 1, 1, 1, out_dtype="float32"), b)
+    func = te.create_prim_func([x, w, b, out])
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_87"})
+    sch = NarrowConv().apply(func, target, False)
+    assert sch is not None
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((1, 10, 6, 9)).astype("float16")
+    ws = rng.standard_normal((channels, 10, 3, 3)).astype("float16")
+    bs = rng.standard_normal((1, channels, 1, 1)).astype("float32")
+    got, = verify.run_serialized(sch.mod["main"], [xs, ws, bs])
+    pad = np.pad(xs.astype("float32"), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.einsum("ncyxij,fcij->nfyx", np.lib.stride_tricks.sliding_window_view(pad, (3, 3), axis=(2, 3)),
+                     ws.astype("float32")) + bs
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
