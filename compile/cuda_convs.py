@@ -282,9 +282,12 @@ class TensorCoreConv(GPUScheduleRule):
         b_mat = sch.cache_read(block_outer, 1, "wmma.matrix_b")
         sch.compute_at(a_mat, k1)
         sch.compute_at(b_mat, k1)
-        # the accumulator tile is staged in static shared memory: in the dynamic pool, TVM's storage
-        # rewrite lets it reuse a smaller fp16 operand buffer and lowering then fails (dtype check)
-        to_global = sch.cache_write(block_outer, 0, "shared")
+        # a narrow accumulator tile is staged in static shared memory: in the dynamic pool, TVM's
+        # storage rewrite lets it reuse a larger fp16 operand buffer and lowering then fails (dtype
+        # check). A full 128-column tile (64 kB) stays in the dynamic pool, as dlight has it: static,
+        # it would add 64 kB to the 72 kB pool, beyond Volta's 96 kB per block.
+        stage = "shared" if 16 * warps_j * frags_j < 128 else "shared.dyn"
+        to_global = sch.cache_write(block_outer, 0, stage)
         sch.storage_align(to_global, 0, -2, 16, 4)
         store = sch.cache_write(block_outer, 0, "wmma.accumulator")
         sch.reverse_compute_at(store, thread_idy)
@@ -295,7 +298,7 @@ class TensorCoreConv(GPUScheduleRule):
         sch.reorder(si0, sj0, si1, sj1)
         init = sch.get_child_blocks(sch.decompose_reduction(block_outer, k0))[0]
 
-        intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared", in_dtype="float16",
+        intrin = get_wmma_intrin_group(load_scope="shared.dyn", store_scope=stage, in_dtype="float16",
                                        out_dtype="float32", trans_b=True)
         try:
             for mat, name in ((a_mat, "load_a"), (b_mat, "load_b")):
