@@ -1,5 +1,6 @@
-"""Convolutions for tensor cores on CUDA: deconvolutions split by output phase, and a tensor-core
-schedule for the fp16 convolutions that dlight leaves on FMA.
+"""Convolutions for tensor cores on CUDA: deconvolutions split by output phase, fp16 casts before
+concatenations, a tensor-core schedule for the fp16 convolutions that dlight leaves on FMA, and a
+thread-per-pixel schedule for the 2-channel flow heads.
 
 `split_deconvolutions(mod)` (a Relax rewrite, run by `lower.prepare` for CUDA boards before mixed
 precision, so the weight transform is lifted out of `main` and done at compile time):
@@ -24,8 +25,16 @@ output channels to 128. So FlowNet's narrow layers (conv1: 24 channels, conv2: 4
 ran on FMA. This rule is dlight's `MatmulTensorization` (WMMA 16x16x16, fp32 accumulation,
 shared-memory pipelining) with the column tile sized to the channel count (a multiple of 16:
 24 -> 32, 48 -> 48), for fp16 convolutions with 16 or more output channels that dlight would
-leave on FMA. Fewer channels (the 2-channel flow predictors and upsamplers) stay on dlight's
-FMA schedule, where a 16-wide tensor-core tile would be mostly padding.
+leave on FMA. Fewer channels (the 2-channel flow predictors, the 4 x 2 phases of the flow
+upsamplers), where a 16-wide tensor-core tile would be mostly padding, go to `NarrowConv` (FMA,
+one thread per output pixel, no padding) instead of dlight's `Matmul`, which pads them to 64
+columns.
+
+`cast_before_concat(mod)` (Relax, after mixed precision, CUDA fp16): see its docstring.
+
+flownet2-s fp16 at 448x1024 for the Orin Nano: 36.5 GFLOP -> 15.7 GFLOP per inference, tensor
+cores (HMMA in the SASS) in 14 of 23 convolution kernels with 99 % of their FLOPs (10 with 33 %
+before), 35 -> 31 kernels, 134 -> 104 MB moved.
 """
 
 from __future__ import annotations
