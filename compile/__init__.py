@@ -96,7 +96,7 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
         relax_model = frontend.to_relax(torch_model, (h, w))
         say(f"lower    for {board.name} ({board.kind}{' ' + board.cuda_arch if board.is_cuda else ''}, {precision})")
         mod, params, param_names = lower.prepare(relax_model.mod, relax_model.params, relax_model.param_names,
-                                                 precision)
+                                                 precision, cuda=board.is_cuda)
         ex, device_code = lower.build(mod, board)
         say("verify   EPE against the torch model on generated pairs")
         epe = _measure_epe(torch_model, mod, params, board, ex, (h, w))

@@ -1,7 +1,8 @@
 """Lowering per target: Relax -> a TVM executable, with ahead-of-time device code for Jetsons.
 
-CUDA: mixed precision when asked, our hand schedules for the custom ops, dlight's default GPU
-schedules for the rest; TVM's CUDA codegen gives CUDA C, which `cuda_toolchain` compiles with the
+CUDA: mixed precision when asked, our hand schedules for the custom ops, our convolution rules
+(`cuda_convs`: deconvolutions split by output phase, tensor cores for narrow fp16 convolutions, a
+thread per pixel for the 2-channel flow heads) and dlight's default GPU schedules for the rest; TVM's CUDA codegen gives CUDA C, which `cuda_toolchain` compiles with the
 NVRTC/ptxas of the board's CUDA release into a cubin; the host part is cross-compiled for aarch64.
 CPU: our convolution computes and schedules (`cpu_schedules`), LLVM for the board's (or this
 machine's) CPU.
@@ -89,8 +90,10 @@ def _drop_device_imports(module) -> None:
             _drop_device_imports(c)
 
 
-def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
-    """Target-independent rewrites: mixed precision, then parameter transforms done once here.
+def prepare(mod, params: list, names: list[str], precision: str = "fp32", cuda: bool = False):
+    """Rewrites before lowering: for CUDA (`cuda`), deconvolutions split by output phase
+    (`cuda_convs.split_deconvolutions`); mixed precision (for CUDA with fp16 casts moved before
+    concatenations, `cuda_convs.cast_before_concat`); then parameter transforms done once here.
 
     fp16: convolutions in fp16 with fp32 accumulation, correlation and warp on fp16 data
     (`ops.to_fp16`). The casts and reshapes that depend only on parameters (fp16 weights, biases
@@ -103,10 +106,18 @@ def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
     import tvm
     from tvm import relax
 
+    if cuda:
+        from edgeflow.compile.cuda_convs import split_deconvolutions
+
+        mod = split_deconvolutions(mod)
     if precision == "fp16":
         from edgeflow.compile.ops import to_fp16
 
         mod = to_fp16(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
+        if cuda:
+            from edgeflow.compile.cuda_convs import cast_before_concat
+
+            mod = cast_before_concat(mod)
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = mod["main_transform_params"].with_attr("global_symbol", "main")
     vm = relax.VirtualMachine(tvm.compile(tvm.IRModule({"main": lifted}), target="llvm"), tvm.cpu())
@@ -160,8 +171,10 @@ def _build(mod, board):
         mod = relax.get_pipeline("zero")(mod)
         mod = _apply_hand_schedules(mod, target, board)
         if board.is_cuda:
-            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            from edgeflow.compile.cuda_convs import NarrowConv, TensorCoreConv
+
+            mod = dl.ApplyDefaultSchedule(TensorCoreConv(), NarrowConv(), dl.gpu.Matmul(), dl.gpu.GEMV(),
+                                          dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         else:
             mod = cpu_schedules.schedule(mod)
     if not board.is_cuda:

@@ -7,11 +7,12 @@ CUDA packages, per kernel: registers, spills and shared memory (ptxas, at compil
 its arithmetic runs (tensor cores, dp4a or FMA, read from the cubin's SASS at compile time by
 `edgeflow.compile.sass`; unknown where that was not possible), grid and block size, occupancy
 on the package's board (`Board.occupancy`), FLOPs and bytes moved (counted in the lowered TIR
-at compile time by `edgeflow.compile.kernel_stats`), and the roofline time on the board
-(`Board.roofline_seconds`). The roofline times, times the launches per inference, add
-up to a predicted frame time: a prediction from datasheet peaks, not a measurement (there is no
-board here; launch overheads and caches are not modelled). Kernels of our hand-written
-operators (correlation, warp) carry the operator's name. All packages: target, precision,
+at compile time by `edgeflow.compile.kernel_stats`), the roofline time on the board at its
+datasheet peaks (`Board.roofline_seconds`, a bound no kernel reaches) and the predicted time
+range (`edgeflow.prediction`: an achievable fraction of the peaks per kind of kernel, plus launch
+overhead). The predicted times, times the launches per inference, add up to a predicted frame
+time range: a prediction, not a measurement (there is no board here). Kernels of our
+hand-written operators (correlation, warp) carry the operator's name. All packages: target, precision,
 accuracy, file sizes, parameters and convolution MACs per frame pair (the manifest's "cost"), and
 for a pruned network what pruning removed and cost in EPE (the manifest's "pruning").
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from edgeflow import prediction
 
 PREDICTION = "prediction (no board measured)"
 
@@ -53,7 +56,7 @@ def inspect_package(path: str | os.PathLike, *, trusted_keys=None) -> dict:
                        "sm_count": board.sm_count, "peak_fp32_tflops": board.peak_fp32_tflops,
                        "peak_fp16_tflops": board.peak_fp16_tflops, "memory_bandwidth_gbs": board.memory_bandwidth_gbs}
     report["kernels"] = sorted((kernel_report(k, board) for k in manifest.get("kernels", [])),
-                               key=lambda k: -(k["roofline_us"] or 0) * k["launches"])
+                               key=lambda k: -(k["predicted_us"] or [0, 0])[1] * k["launches"])
     report["summary"] = summary(report["kernels"], board)
     return report
 
@@ -67,13 +70,15 @@ def kernel_report(kernel: dict, board) -> dict:
          "shared_bytes": kernel["shared_bytes"], "stack_bytes": kernel.get("stack_bytes", 0),
          "flops": kernel.get("flops"), "flops_fp16": kernel.get("flops_fp16", 0), "bytes": kernel.get("bytes"),
          "sass": kernel.get("sass"), "units": units(kernel.get("sass")),
-         "occupancy": None, "blocks_per_sm": None, "limited_by": None, "roofline_us": None, "bound": None}
+         "occupancy": None, "blocks_per_sm": None, "limited_by": None, "roofline_us": None, "bound": None,
+         "kind": None, "predicted_us": None}
     if k["threads_per_block"]:
         occ = board.occupancy(k["registers"], k["threads_per_block"], k["shared_bytes"])
         k.update(occupancy=occ["occupancy"], blocks_per_sm=occ["blocks_per_sm"], limited_by=occ["limited_by"])
     if k["flops"] is not None and k["bytes"] is not None:
         seconds, bound = board.roofline_seconds(k["flops"], k["bytes"], k["flops_fp16"] or 0)
-        k.update(roofline_us=round(seconds * 1e6, 3), bound=bound)
+        k.update(roofline_us=round(seconds * 1e6, 3), bound=bound, kind=prediction.kernel_kind(k),
+                 predicted_us=[round(v, 3) for v in prediction.kernel_range_us(k, board)])
     return k
 
 
@@ -97,14 +102,16 @@ def summary(kernels: list[dict], board) -> dict:
            "max_shared_bytes": max((k["shared_bytes"] for k in kernels), default=0),
            "hand_written": sorted({k["op"] for k in kernels if k["op"]}),
            "convolutions": _convolutions(kernels),
-           "flops": None, "bytes": None, "predicted_ms": None, "predicted_fps": None}
+           "flops": None, "bytes": None, "roofline_ms": None, "predicted_ms": None, "predicted_range_ms": None,
+           "predicted_fps": None}
     if kernels and all(k["roofline_us"] is not None for k in kernels):
-        ms = sum(k["roofline_us"] * k["launches"] for k in kernels) / 1e3
+        roofline = sum(k["roofline_us"] * k["launches"] for k in kernels) / 1e3
+        pred = prediction.predict(kernels, board)
         out.update(flops=sum(k["flops"] * k["launches"] for k in kernels),
                    bytes=sum(k["bytes"] * k["launches"] for k in kernels),
-                   predicted_ms=round(ms, 4), predicted_fps=round(1e3 / ms, 1) if ms > 0 else None,
-                   prediction=f"{PREDICTION}: sum of per-kernel roofline times on {board.name} "
-                              f"(max of FLOPs / peak and bytes / bandwidth); launch overheads not modelled")
+                   roofline_ms=round(roofline, 4), predicted_ms=pred["ms"], predicted_range_ms=pred["range_ms"],
+                   predicted_fps=round(1e3 / pred["ms"], 1), predicted_by_kind_ms=pred["by_kind"],
+                   prediction=f"{PREDICTION} on {board.name}: {pred['model']}")
     return out
 
 
@@ -143,9 +150,14 @@ def format_report(report: dict) -> str:
         lines.append(f"tensor cores (from the SASS): {conv['tensor_core_kernels']} of {conv['kernels']} convolution "
                      f"kernels, {conv['tensor_core_flops_share']:.0%} of their FLOPs")
     if s["predicted_ms"] is not None:
-        lines.append(f"{PREDICTION}: {s['predicted_ms']:.3f} ms per inference = {s['predicted_fps']} fps on "
-                     f"{b['name']} ({s['flops'] / 1e9:.3f} GFLOP, {s['bytes'] / 1e6:.2f} MB; roofline sum, "
-                     f"launch overheads not modelled)")
+        lo, hi = s["predicted_range_ms"]
+        kinds = ", ".join(f"{kind.replace('_', ' ')} {v[0]:.2f}-{v[1]:.2f}"
+                          for kind, v in s["predicted_by_kind_ms"].items())
+        lines.append(f"{PREDICTION}: {lo:.2f} to {hi:.2f} ms per inference ({1e3 / hi:.0f} to {1e3 / lo:.0f} fps), "
+                     f"about {s['predicted_ms']:.2f} ms, on {b['name']} ({s['flops'] / 1e9:.3f} GFLOP, "
+                     f"{s['bytes'] / 1e6:.2f} MB; ms by kind: {kinds})")
+        lines.append(f"  model: {s['prediction'].split(': ', 1)[1]}")
+        lines.append(f"  at 100 % of every peak (roofline, a bound no kernel reaches): {s['roofline_ms']:.3f} ms")
     else:
         lines.append(f"{PREDICTION}: not available, the package has no FLOP/byte counts (recompile it)")
     return "\n".join(lines)
@@ -170,7 +182,8 @@ NAME_WIDTH = 50  # longer (fused) kernel names are shortened in the table, not i
 def _kernel_table(kernels: list[dict]) -> list[str]:
     width = min(NAME_WIDTH, max([len(k["name"]) for k in kernels] + [6]))
     head = (f"{'kernel':<{width}} {'op':<11} {'calls':>5} {'grid':>9} {'block':>8} {'regs':>4} {'spill':>5} "
-            f"{'smem':>7} {'occ':>4} {'limit':<6} {'units':<11} {'MFLOP':>9} {'kB':>8} {'us':>9} bound")
+            f"{'smem':>7} {'occ':>4} {'limit':<6} {'units':<11} {'MFLOP':>9} {'kB':>8} {'peak us':>9} "
+            f"{'predicted us':>15} kind")
     rows = [head]
     for k in kernels:
         occ = f"{k['occupancy']:.0%}" if k["occupancy"] is not None else "-"
@@ -179,8 +192,12 @@ def _kernel_table(kernels: list[dict]) -> list[str]:
                     f"{_dims(k['block']):>8} {k['registers']:>4} {k['spill_stores'] + k['spill_loads']:>5} "
                     f"{k['shared_bytes']:>7} {occ:>4} {_limit(k['limited_by']):<6} {k['units'] or '?':<11} "
                     f"{_num(k['flops'], 1e6, '.2f'):>9} {_num(k['bytes'], 1e3, '.1f'):>8} "
-                    f"{_num(k['roofline_us'], 1, '.2f'):>9} {k['bound'] or '-'}")
+                    f"{_num(k['roofline_us'], 1, '.2f'):>9} {_range(k['predicted_us']):>15} {k['kind'] or '-'}")
     return rows
+
+
+def _range(r) -> str:
+    return "-" if r is None else f"{r[0]:.1f}-{r[1]:.1f}"
 
 
 def _pruning(entry: dict | None) -> dict | None:

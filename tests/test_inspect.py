@@ -153,12 +153,18 @@ def test_flownet2_s_report(s_package, capsys):
     assert summary["flops"] >= conv_flops
     lower_ms = max(conv_flops / 2.09e12, summary["bytes"] / 102e9) * 1e3
     upper_ms = (summary["flops"] / 2.09e12 + summary["bytes"] / 102e9) * 1e3
-    assert lower_ms <= summary["predicted_ms"] <= upper_ms * 1.001
+    assert lower_ms <= summary["roofline_ms"] <= upper_ms * 1.001
+    # the prediction: achievable fractions of those peaks, so above the roofline, plus launches
+    lo, hi = summary["predicted_range_ms"]
+    launches_ms = summary["launches"] * 1e-3
+    assert summary["roofline_ms"] + 3 * launches_ms <= lo * 1.001 and lo <= summary["predicted_ms"] <= hi
+    assert hi <= upper_ms / 0.15 + 10 * launches_ms
     assert summary["predicted_fps"] == pytest.approx(1e3 / summary["predicted_ms"], rel=1e-3)
 
     assert main(["inspect", str(s_package)]) == 0
     text = capsys.readouterr().out
-    assert f"{PREDICTION}:" in text and "fps on jetson-orin-nano" in text
+    assert f"{PREDICTION}: {lo:.2f} to {hi:.2f} ms per inference" in text and "on jetson-orin-nano" in text
+    assert "model: achievable fractions" in text
     assert f"summary: {len(kernels)} kernels" in text and "total spills 0 B" in text
     assert main(["inspect", str(s_package), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"] == json.loads(json.dumps(summary))
