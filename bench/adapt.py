@@ -26,31 +26,34 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 REALFLOW = ROOT.parent / "shared" / "realflow"
+BLUR, FOG, NOISE = 1.0, (0.35, 0.6), 0.7  # Gaussian sigma (px), haze density bottom..top, noise sigma
 
 
 def new_domain(img: np.ndarray, noise: np.random.Generator) -> np.ndarray:
-    """Fog (denser towards the top), a strong blur, a warm colour cast and sensor noise; the same
-    change in every frame but the noise, so the flow stays what the generator says."""
+    """Haze (denser towards the top), blur, a warm colour cast and sensor noise: the same change in
+    every frame but the noise, so the flow stays what the generator says."""
     h = img.shape[0]
-    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 2.0)
-    density = np.linspace(0.75, 0.45, h, dtype=np.float32)[:, None, None]
+    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), BLUR)
+    density = np.linspace(FOG[1], FOG[0], h, dtype=np.float32)[:, None, None]
     f = f * (1 - density) + np.float32([205, 200, 185]) * density
-    f = f * np.float32([0.78, 1.0, 1.18]) + noise.normal(0, 1.5, f.shape).astype(np.float32)
+    f = f * np.float32([0.78, 1.0, 1.18]) + noise.normal(0, NOISE, f.shape).astype(np.float32)
     return np.clip(f + 0.5, 0, 255).astype(np.uint8)
 
 
 def make_clip(out_dir: Path, count: int, size: tuple[int, int], seed: int):
-    """Write the clip's frames as PNGs; returns (frames, flows) with flows[t] from frame t to t+1."""
+    """Write the clip's frames as PNGs; returns (frames, flows, the frames before the domain change)
+    with flows[t] from frame t to t+1."""
     from edgeflow.synth import video_frames
 
     noise = np.random.default_rng([seed, 1])
-    frames, flows = [], []
+    frames, flows, clean = [], [], []
     for n, (img, flow) in enumerate(video_frames(np.random.default_rng(seed), count, size, photometric=False)):
+        clean.append(img)
         img = new_domain(img, noise)
         cv2.imwrite(str(out_dir / f"frame_{n:04d}.png"), img)
         frames.append(img)
         flows.append(flow)
-    return frames, flows
+    return frames, flows, clean
 
 
 def clip_epe(fn, frames, flows) -> float:
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=11, help="seed of the clip")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seconds", type=float, default=None, help="time budget of the adaptation")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--distill", type=float, default=None)
     p.add_argument("--smooth", type=float, default=None)
@@ -93,9 +96,10 @@ def main(argv=None) -> int:
     report = {"command": "bench/adapt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        frames, flows = make_clip(Path(tmp), args.frames, (h, w), args.seed)
-        report["clip"] = {"frames": args.frames, "size": [h, w], "seed": args.seed, "seconds": round(time.time() - t0, 1),
-                          "mean_speed_px": float(np.mean([np.hypot(*f.transpose(2, 0, 1)).mean() for f in flows[:-1]]))}
+        frames, flows, clean = make_clip(Path(tmp), args.frames, (h, w), args.seed)
+        speed = float(np.mean([np.hypot(*f.transpose(2, 0, 1)).mean() for f in flows[:-1]]))
+        report["clip"] = {"frames": args.frames, "size": [h, w], "seed": args.seed, "mean_speed_px": speed,
+                          "blur_sigma": BLUR, "haze": FOG, "noise_sigma": NOISE, "seconds": round(time.time() - t0, 1)}
         result = adapt(args.model, tmp, args.out, steps=args.steps, seconds=args.seconds, batch=args.batch,
                        progress=not args.json, **knobs)
     held = slice(result.train_frames, None)
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
     report["adapt"] = {k: v for k, v in result.to_dict().items() if k != "sha256"}
     report["heldout_epe"] = {"pairs": result.heldout_pairs, "before": epe_before, "after": epe_after,
                              "change": epe_after / epe_before - 1,
+                             "before_without_domain_change": clip_epe(before, clean[held], flows[held]),
                              "dis_medium": clip_epe(baseline("dis-medium"), frames[held], flows[held]),
                              "zero_flow": clip_epe(lambda a, b: np.zeros((*a.shape[:2], 2), np.float32),
                                                    frames[held], flows[held])}

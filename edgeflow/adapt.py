@@ -8,8 +8,9 @@ of the footage by the photometric error of the second frame warped back by the p
 (census transform, or SSIM + L1), masked where the forward-backward check finds occlusions
 (UnFlow), plus an edge-aware second-order smoothness of the flow and a distillation term that
 ties the flow to the starting network's (a frozen copy), so the net cannot drift into a
-degenerate solution where the photometric loss is weak. Random crops, flips and order swaps.
-The last part of the footage (`holdout`) is never trained on: the photometric error on its
+degenerate solution where the photometric loss is weak. The loss runs at a quarter of the
+resolution (the resolution of the network's flow; sensor noise averages out). Random crops, flips
+and order swaps; a running average of the weights is what gets written. The last part of the footage (`holdout`) is never trained on: the photometric error on its
 pairs, before and after, is the report. Stacks train their last stage only, as in training.
 
 The frames are read up front (`read_footage`) and every argument is checked before any work
@@ -40,17 +41,19 @@ class AdaptConfig:
 
     steps: int = 300  # optimiser steps (the run also stops when `seconds` have passed)
     seconds: float | None = None  # wall-clock budget of the optimisation, None: none
-    batch: int = 4  # frame pairs per step
+    batch: int = 2  # frame pairs per step
     crop: tuple = (256, 320)  # training crop (H, W), multiples of 64; cut down to the frame size
     lr: float = 2e-5  # Adam, constant
     loss: str = "census"  # photometric term: "census" or "ssim" (0.85 SSIM + 0.15 L1)
-    loss_stride: int = 2  # images and flows averaged over 2x2 blocks for the loss (the net's flow is 1/4 res)
-    smooth: float = 2.0  # weight of the edge-aware second-order smoothness
-    distill: float = 0.02  # weight of the distillation to the starting network (per pixel)
+    loss_stride: int = 4  # images and flows averaged over 4x4 blocks for the loss: the resolution of the
+    #                       net's flow, and sensor noise averaged away (a stride of 2 trained worse)
+    smooth: float = 2.0  # weight of the edge-aware second-order smoothness (flow in pixels / DIV_FLOW)
+    distill: float = 0.005  # weight of the distillation to the starting network (Charbonnier, pixels)
     skip: bool = True  # also pairs one frame apart (t, t+2)
     holdout: float = 0.2  # share of the footage (its end) held back for the report
     max_frames: int = 600  # frames read from the source (live sources never end)
     size: tuple | None = None  # network size (H, W) the frames are resized to; None: next multiples of 64
+    ema: float = 0.98  # decay of the weight average that is written (about the last 50 steps); 0: none
     seed: int = 0
 
     def check(self) -> None:
@@ -74,6 +77,8 @@ class AdaptConfig:
             raise InputError(f"smooth={self.smooth}, distill={self.distill}: weights cannot be negative")
         if not 0 < self.holdout < 1:
             raise InputError(f"holdout={self.holdout}: expected a share of the frames between 0 and 1")
+        if not 0 <= self.ema < 1:
+            raise InputError(f"ema={self.ema}: expected a decay in [0, 1)")
         if self.max_frames < MIN_FRAMES:
             raise InputError(f"max_frames={self.max_frames}: expected at least {MIN_FRAMES}")
 
@@ -202,11 +207,11 @@ def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: Ada
     import torch
     import torch.nn.functional as F
 
-    s = config.loss_stride
-    if s > 1:
-        flow_fw, flow_bw, teacher_fw, teacher_bw = (F.avg_pool2d(f, s) / s for f in
+    stride = config.loss_stride
+    if stride > 1:
+        flow_fw, flow_bw, teacher_fw, teacher_bw = (F.avg_pool2d(f, stride) / stride for f in
                                                     (flow_fw, flow_bw, teacher_fw, teacher_bw))
-        img1, img2 = F.avg_pool2d(img1, s), F.avg_pool2d(img2, s)
+        img1, img2 = F.avg_pool2d(img1, stride), F.avg_pool2d(img2, stride)
     flows, teachers, firsts, seconds = (flow_fw, flow_bw), (teacher_fw, teacher_bw), (img1, img2), (img2, img1)
     photo = smooth = distill = 0.0
     for k in range(2):
@@ -214,8 +219,8 @@ def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: Ada
             visible = (~occlusion_mask(flows[k], flows[1 - k])).to(img1.dtype)
         dist, inside = photometric_distance(firsts[k], seconds[k], flows[k], config.loss)
         photo = photo + masked_mean((dist + 0.01) ** 0.4, visible * inside)
-        smooth = smooth + smoothness(flows[k], firsts[k])
-        distill = distill + torch.sqrt(((flows[k] - teachers[k]) ** 2).sum(1) + 1e-2).mean()
+        smooth = smooth + smoothness(flows[k] * stride, firsts[k])  # in full-resolution pixels
+        distill = distill + torch.sqrt((((flows[k] - teachers[k]) * stride) ** 2).sum(1) + 1e-2).mean()
     loss = photo + config.smooth * smooth + config.distill * distill
     return loss, {"photo": float(photo.detach()) / 2, "smooth": float(smooth.detach()) / 2,
                   "distill": float(distill.detach()) / 2}
@@ -364,7 +369,10 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
     train_from = len(stages) - 1
     for i, name in enumerate(net.names):
         getattr(net, name).requires_grad_(i >= train_from)
-    params = [p for p in net.parameters() if p.requires_grad]
+    trained = [name for name, p in net.named_parameters() if p.requires_grad]
+    params = [dict(net.named_parameters())[n] for n in trained]
+    average = copy.deepcopy(net).eval().requires_grad_(False)
+    averaged = [dict(average.named_parameters())[n] for n in trained]
     before = heldout_error(net, held, config.loss)
     opt = torch.optim.Adam(params, lr=config.lr)
     pairs = _Pairs(train, config.crop, config.skip, np.random.default_rng([config.seed, 0xADA]))
@@ -382,11 +390,12 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            torch._foreach_lerp_(averaged, params, 1 - min(config.ema, (1 + step) / (10 + step)))
             step += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
     seconds = time.monotonic() - t0
-    net.eval()
+    net = average  # what is measured and written: the weight average
     after = heldout_error(net, held, config.loss)
     record = {"from": str(weights), "frames": str(frames), "steps": step, "seconds": round(seconds, 1),
               "photometric_before": before, "photometric_after": after, "config": asdict(config)}
