@@ -1,0 +1,284 @@
+"""int8 convolutions for the CPU: TE computes, the Relax converters and the VNNI schedule.
+
+The fake-quant ops `edgeflow::qconv2d` / `edgeflow::qdeconv2d` (`edgeflow.compile.quantize_torch`)
+are mapped by the frontend to one PrimFunc each, marked `edgeflow.op` (opaque to FuseOps):
+
+    ef_qpad   float NCHW -> uint8 [N, C/4, Hp, Wp, 4]: x / a_scale rounded half to even (as
+              torch.round), + zero point, clamped to [0, 255]; padding (and the channels that
+              round C up to 4) hold the zero point, i.e. float 0
+    ef_qconv  uint8 x int8 -> int32 [N, O/16, OH, OW, 16], weights packed [O/16, C/4, KH, KW, 16, 4]
+              (for a deconvolution, per output phase: [sh, sw, O/16, C/4, KH/sh, KW/sw, 16, 4],
+              the sub-convolution of the taps that hit real input, as `cpu_schedules`)
+    ef_qout   float NCHW: (acc - zp * sum(w)) * a_scale * w_scale[o] + bias[o], then LeakyReLU
+
+So the compiled layer computes exactly the fake-quant torch layer's integers; only the float
+rounding of the dequantized sums differs. The weight packing, the zero-point correction and the
+combined scales depend on parameters only: `lower.prepare` lifts them out and runs them once at
+compile time (the package stores packed int8 weights).
+
+Schedule (`schedule_qconv`, LLVM): per output row and block of 16 output channels, a tile of `t`
+output columns of 16 int32 lanes each accumulates in registers; the 4-input-channel x
+16-output-channel inner product is one `vpdpbusd` (AVX-512 VNNI, `VNNI_INTRIN`); the epilogue
+runs on the tile while it is in cache. Targets without VNNI get the same loops, vectorised.
+"""
+
+from __future__ import annotations
+
+OPS = ("qconv2d", "qdeconv2d")
+QPAD, QCONV, QOUT = "ef_qpad", "ef_qconv", "ef_qout"
+VNNI_INTRIN = "edgeflow_dot_16x4_vnni"
+OC_BLOCK, IC_BLOCK = 16, 4
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------
+# the VNNI intrinsic (TVM's own `dot_16x4_vnni` does not build with the LLVM of TVM 0.27)
+
+
+def register_vnni() -> str:
+    """Register (once) the 16x4 u8 x s8 -> s32 dot product as `vpdpbusd` with its operands typed
+    as LLVM's intrinsic wants them (uint8x64 / int8x64). Returns its name."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    try:
+        s_tir.TensorIntrin.get(VNNI_INTRIN)
+        return VNNI_INTRIN
+    except Exception:  # noqa: BLE001 - not registered yet (TVM raises a plain TVMError)
+        pass
+
+    # the description of tvm.s_tir.tensor_intrin.x86 (importing that package takes a minute)
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_u8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"), a_u8, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+
+    s_tir.TensorIntrin.register(VNNI_INTRIN, desc, impl)
+    return VNNI_INTRIN
+
+
+def has_vnni(target) -> bool:
+    """Whether the LLVM `target` (its -mcpu / -mattr, as LLVM reads them) has AVX-512 VNNI."""
+    from tvm.target import codegen
+
+    if str(target.kind.name) != "llvm" or not str(target.attrs.get("mtriple", "x86_64")).startswith("x86_64"):
+        return False
+    return bool(codegen.target_has_features("avx512vnni", target))
+
+
+# --------------------------------------------------------------------------------------------
+# TE computes
+
+
+def _quantized(data, b, ch, y, x, a_scale, zp):
+    from tvm import tirx
+
+    q = tirx.nearbyint(data[b, ch, y, x] / tirx.const(a_scale, "float32")) + tirx.const(float(zp), "float32")
+    return tirx.max(tirx.min(q, tirx.const(255.0, "float32")), tirx.const(0.0, "float32")).astype("uint8")
+
+
+def qpad_te(data, pad_hw, out_hw, a_scale, zp):
+    """uint8 [N, ceil(C/4), out_h, out_w, 4]: data quantized, at offset pad_hw, zp elsewhere."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in data.shape)
+    pt, pl = pad_hw
+
+    def value(b, c4, y, x, ci):
+        ch, yy, xx = c4 * IC_BLOCK + ci, y - pt, x - pl
+        inside = tirx.all(ch < c, yy >= 0, yy < h, xx >= 0, xx < w)
+        return tirx.if_then_else(inside, _quantized(data, b, tirx.min(ch, c - 1), yy, xx, a_scale, zp),
+                                 tirx.const(zp, "uint8"))
+
+    return te.compute((n, _ceil(c, IC_BLOCK), *out_hw, IC_BLOCK), value, name=QPAD)
+
+
+def _dequantized(acc, corr, scale, bias, slope):
+    from tvm import tirx
+
+    y = (acc - corr).astype("float32") * scale + bias
+    return y if slope is None else tirx.Select(y >= tirx.const(0.0, "float32"), y, y * tirx.const(slope, "float32"))
+
+
+def qconv2d_te(data, wpack, corr, scale, bias, *, strides, padding, kernel, out_channels, a_scale, zp, slope):
+    """Quantized NCHW convolution (see the module docstring); wpack [O/16, C/4, KH, KW, 16, 4]."""
+    from tvm import te
+
+    n, c, h, w = (int(v) for v in data.shape)
+    kh, kw = kernel
+    sh, sw = strides
+    pt, pl, pb, pr = padding
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    qin = qpad_te(data, (pt, pl), ((oh - 1) * sh + kh, (ow - 1) * sw + kw), a_scale, zp)
+    o16, c4 = int(wpack.shape[0]), int(wpack.shape[1])
+    rc, ry, rx, ri = (te.reduce_axis((0, e), nm) for e, nm in ((c4, "rc"), (kh, "ry"), (kw, "rx"), (IC_BLOCK, "ri")))
+    acc = te.compute(
+        (n, o16, oh, ow, OC_BLOCK),
+        lambda b, oo, y, x, oi: te.sum(qin[b, rc, y * sh + ry, x * sw + rx, ri].astype("int32")
+                                       * wpack[oo, rc, ry, rx, oi, ri].astype("int32"), axis=[rc, ry, rx, ri]),
+        name=QCONV)
+    return te.compute((n, out_channels, oh, ow),
+                      lambda b, o, y, x: _dequantized(acc[b, o // OC_BLOCK, y, x, o % OC_BLOCK], corr[o], scale[o],
+                                                      bias[o], slope), name=QOUT)
+
+
+def deconv_geometry(in_hw, kernel, strides, padding, out_hw):
+    """(taps per phase, low pad, high pad) of the phase-split transposed convolution."""
+    (h, w), (kh, kw), (sh, sw), (pt, pl) = in_hw, kernel, strides, padding
+    oh, ow = out_hw
+    th, tw = kh // sh, kw // sw
+    lo = (th - 1, tw - 1)
+    hi = (max(0, oh // sh - 1 + (sh - 1 + pt) // sh - (h - 1)), max(0, ow // sw - 1 + (sw - 1 + pl) // sw - (w - 1)))
+    return (th, tw), lo, hi
+
+
+def qdeconv2d_te(data, wpack, corr, scale, bias, *, strides, padding, kernel, out_hw, out_channels, a_scale, zp,
+                 slope):
+    """Quantized NCHW x IOHW transposed convolution, one sub-convolution per output phase;
+    wpack [sh, sw, O/16, C/4, KH/sh, KW/sw, 16, 4], corr [sh, sw, O]."""
+    from tvm import te
+
+    n, c, h, w = (int(v) for v in data.shape)
+    sh, sw = strides
+    pt, pl = padding[0], padding[1]
+    oh, ow = out_hw
+    (th, tw), lo, hi = deconv_geometry((h, w), kernel, strides, (pt, pl), out_hw)
+    qin = qpad_te(data, lo, (h + lo[0] + hi[0], w + lo[1] + hi[1]), a_scale, zp)
+    o16, c4 = int(wpack.shape[2]), int(wpack.shape[3])
+    rc, ty, tx, ri = (te.reduce_axis((0, e), nm) for e, nm in ((c4, "rc"), (th, "ty"), (tw, "tx"), (IC_BLOCK, "ri")))
+
+    def phase(b, oo, yh, py, px, xh, oi):
+        iy = yh + (py + pt) // sh - ty + lo[0]
+        ix = xh + (px + pl) // sw - tx + lo[1]
+        return te.sum(qin[b, rc, iy, ix, ri].astype("int32") * wpack[py, px, oo, rc, ty, tx, oi, ri].astype("int32"),
+                      axis=[rc, ty, tx, ri])
+
+    acc = te.compute((n, o16, oh // sh, sh, sw, ow // sw, OC_BLOCK), phase, name=QCONV)
+
+    def out(b, o, y, x):
+        a = acc[b, o // OC_BLOCK, y // sh, y % sh, x % sw, x // sw, o % OC_BLOCK]
+        return _dequantized(a, corr[y % sh, x % sw, o], scale[o], bias[o], slope)
+
+    return te.compute((n, out_channels, oh, ow), out, name=QOUT)
+
+
+def pack_conv_weight_te(wq):
+    """int8 OIHW -> [O/16, C/4, KH, KW, 16, 4], zero beyond O and C."""
+    from tvm import te, tirx
+
+    o, c, kh, kw = (int(v) for v in wq.shape)
+
+    def value(oo, c4, y, x, oi, ci):
+        oc, ic = oo * OC_BLOCK + oi, c4 * IC_BLOCK + ci
+        return tirx.if_then_else(tirx.all(oc < o, ic < c), wq[tirx.min(oc, o - 1), tirx.min(ic, c - 1), y, x],
+                                 tirx.const(0, "int8"))
+
+    return te.compute((_ceil(o, OC_BLOCK), _ceil(c, IC_BLOCK), kh, kw, OC_BLOCK, IC_BLOCK), value, name="ef_wpack")
+
+
+def pack_deconv_weight_te(wq, strides, padding):
+    """int8 IOHW -> per output phase [sh, sw, O/16, C/4, KH/sh, KW/sw, 16, 4] (tap ky = sh*ty +
+    (py + pad) % sh, as `cpu_schedules.conv2d_transpose_te`), zero beyond O and C."""
+    from tvm import te, tirx
+
+    c, o, kh, kw = (int(v) for v in wq.shape)
+    sh, sw = strides
+    pt, pl = padding
+
+    def value(py, px, oo, c4, ty, tx, oi, ci):
+        oc, ic = oo * OC_BLOCK + oi, c4 * IC_BLOCK + ci
+        return tirx.if_then_else(tirx.all(oc < o, ic < c),
+                                 wq[tirx.min(ic, c - 1), tirx.min(oc, o - 1), sh * ty + (py + pt) % sh,
+                                    sw * tx + (px + pl) % sw], tirx.const(0, "int8"))
+
+    return te.compute((sh, sw, _ceil(o, OC_BLOCK), _ceil(c, IC_BLOCK), kh // sh, kw // sw, OC_BLOCK, IC_BLOCK), value,
+                      name="ef_wpack")
+
+
+def correction_te(wpack, out_channels, zp, deconv):
+    """int32 zp * (sum of a channel's packed weights): [O] (conv) or [sh, sw, O] (deconv)."""
+    from tvm import te
+
+    if not deconv:
+        _, c4, kh, kw, _, _ = (int(v) for v in wpack.shape)
+        r = [te.reduce_axis((0, e)) for e in (c4, kh, kw, IC_BLOCK)]
+        return te.compute((out_channels,), lambda o: te.sum(
+            wpack[o // OC_BLOCK, r[0], r[1], r[2], o % OC_BLOCK, r[3]].astype("int32") * zp, axis=r), name="ef_corr")
+    sh, sw, _, c4, th, tw, _, _ = (int(v) for v in wpack.shape)
+    r = [te.reduce_axis((0, e)) for e in (c4, th, tw, IC_BLOCK)]
+    return te.compute((sh, sw, out_channels), lambda py, px, o: te.sum(
+        wpack[py, px, o // OC_BLOCK, r[0], r[1], r[2], o % OC_BLOCK, r[3]].astype("int32") * zp, axis=r),
+        name="ef_corr")
+
+
+# --------------------------------------------------------------------------------------------
+# schedule
+
+
+def column_tile(width: int, most: int = 16) -> int:
+    """Output columns per register tile: the largest divisor of `width` up to `most`."""
+    return next(t for t in range(min(most, width), 0, -1) if width % t == 0)
+
+
+def schedule_qconv(func, target, board=None):
+    """`func` (a qconv2d / qdeconv2d PrimFunc) scheduled for the LLVM `target`, marked
+    `tirx.is_scheduled`. See the module docstring."""
+    from tvm import s_tir
+
+    from edgeflow.errors import InputError
+
+    if str(target.kind.name) != "llvm":
+        raise InputError(f"precision='int8': int8 kernels for {target.kind.name} targets are not built yet "
+                         "(CPU targets only)")
+    sch = s_tir.Schedule(func)
+    pad, conv, out = sch.get_sblock(QPAD), sch.get_sblock(QCONV), sch.get_sblock(QOUT)
+    loops = sch.get_loops(conv)
+    if len(loops) == 11:  # deconvolution: [n, o/16, yh, py, px, xh, 16 | c/4, ty, tx, 4]
+        n, oo, y, py, px, x, oi, rc, ry, rx, ri = loops
+        phases = [py, px]
+        shape = sch.get(conv).writes[0].source.shape
+        sh, sw = int(shape[3]), int(shape[4])
+        sch.transform_block_layout(out, lambda b, c, yy, xx: (b, c, yy // sh, yy % sh, xx % sw, xx // sw))
+    else:  # [n, o/16, y, x, 16 | c/4, ky, kx, 4]
+        n, oo, y, x, oi, rc, ry, rx, ri = loops
+        phases = []
+    width = int(sch.get(x).extent)
+    xo, xi = sch.split(x, [None, column_tile(width)])
+    vnni = has_vnni(target)
+    sch.reorder(n, oo, y, *phases, xo, rc, ry, rx, *((xi, oi, ri) if vnni else (ri, xi, oi)))
+    sch.reverse_compute_at(out, xo)
+    sch.parallel(sch.fuse(n, oo, y))
+    init = sch.decompose_reduction(conv, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(xi)
+    if vnni:
+        sch.tensorize(oi, register_vnni())
+    else:
+        sch.unroll(ri)
+        sch.vectorize(oi)
+    out_loops = sch.get_loops(out)
+    sch.vectorize(out_loops[-1]) if int(sch.get(out_loops[-1]).extent) in (4, 8, 16) else None
+    sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
