@@ -282,3 +282,60 @@ def schedule_qconv(func, target, board=None):
     sch.vectorize(out_loops[-1]) if int(sch.get(out_loops[-1]).extent) in (4, 8, 16) else None
     sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
     return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, "tir.is_scheduled": True})
+
+
+# --------------------------------------------------------------------------------------------
+# frontend: the fake-quant torch ops -> call_tir of the PrimFuncs above
+
+_ARGS = ("x", "weight", "w_scale", "bias", "a_scale", "zero_point", "stride", "padding", "slope")
+
+
+def emit_qconv(bb, x, weight, w_scale, bias, *, a_scale: float, zero_point: int, stride: int, padding: int,
+               slope: float, deconv: bool):
+    """Emit one quantized (transposed) convolution into Relax BlockBuilder `bb`: the weight
+    packing, zero-point correction and scales (parameter-only, lifted out by `lower.prepare`),
+    then `call_tir` of the opaque qconv2d / qdeconv2d PrimFunc."""
+    from tvm import relax, te
+
+    from edgeflow.compile.ops import OP_ATTR, OPAQUE, PARAMS_ATTR
+
+    n, c, h, w = (int(v) for v in x.ty.shape.values)
+    wshape = [int(v) for v in weight.ty.shape.values]
+    o = wshape[1] if deconv else wshape[0]
+    kernel, strides = (wshape[2], wshape[3]), (stride, stride)
+    if deconv:
+        wpack = bb.emit_te(pack_deconv_weight_te, weight, strides, (padding, padding), primfunc_name_hint="qpack")
+        out_hw = ((h - 1) * stride - 2 * padding + kernel[0], (w - 1) * stride - 2 * padding + kernel[1])
+    else:
+        wpack = bb.emit_te(pack_conv_weight_te, weight, primfunc_name_hint="qpack")
+        out_hw = ((h + 2 * padding - kernel[0]) // stride + 1, (w + 2 * padding - kernel[1]) // stride + 1)
+    corr = bb.emit_te(correction_te, wpack, o, int(zero_point), deconv, primfunc_name_hint="qcorr")
+    scale = bb.emit(relax.op.multiply(w_scale, relax.const(float(a_scale), "float32")))
+    tx = te.placeholder((n, c, h, w), "float32", "x")
+    tw = te.placeholder([int(v) for v in wpack.ty.shape.values], "int8", "wpack")
+    tc = te.placeholder([int(v) for v in corr.ty.shape.values], "int32", "corr")
+    ts, tb = te.placeholder((o,), "float32", "scale"), te.placeholder((o,), "float32", "bias")
+    kwargs = dict(strides=strides, kernel=kernel, out_channels=o, a_scale=float(a_scale), zp=int(zero_point),
+                  slope=None if float(slope) == 1.0 else float(slope))
+    if deconv:
+        out = qdeconv2d_te(tx, tw, tc, ts, tb, padding=(padding, padding), out_hw=out_hw, **kwargs)
+    else:
+        out = qconv2d_te(tx, tw, tc, ts, tb, padding=(padding,) * 4, **kwargs)
+    op = "qdeconv2d" if deconv else "qconv2d"
+    func = te.create_prim_func([tx, tw, tc, ts, tb, out]).without_attr("global_symbol").with_attrs(
+        {OP_ATTR: op, PARAMS_ATTR: {"a_scale": float(a_scale), "zero_point": int(zero_point), "stride": stride,
+                                    "padding": padding, "slope": float(slope)}, **OPAQUE})
+    gv = bb.add_func(func, op)
+    return bb.emit(relax.call_tir(gv, [x, wpack, corr, scale, bias], relax.TensorType([n, o, *out_hw], "float32")))
+
+
+def convert(node, importer, deconv: bool):
+    """custom_convert_map entry for `edgeflow::qconv2d` / `edgeflow::qdeconv2d`."""
+    from edgeflow.compile.ops import node_args
+
+    args = node_args(node, _ARGS)
+    env = importer.env
+    return emit_qconv(importer.block_builder, env[args["x"]], env[args["weight"]], env[args["w_scale"]],
+                      env[args["bias"]], a_scale=float(args["a_scale"]), zero_point=int(args["zero_point"]),
+                      stride=int(args["stride"]), padding=int(args["padding"]), slope=float(args["slope"]),
+                      deconv=deconv)
