@@ -258,17 +258,16 @@ def schedule_qconv(func, target, board=None):
     if len(loops) == 11:  # deconvolution: [n, o/16, yh, py, px, xh, 16 | c/4, ty, tx, 4]
         n, oo, y, py, px, x, oi, rc, ry, rx, ri = loops
         phases = [py, px]
-        shape = sch.get(conv).writes[0].source.shape
-        sh, sw = int(shape[3]), int(shape[4])
-        sch.transform_block_layout(out, lambda b, c, yy, xx: (b, c, yy // sh, yy % sh, xx % sw, xx // sw))
+        at = py  # the epilogue runs per output row, once both column phases are done (regions
+        # of reverse_compute_at are intervals: a phase's columns are not one)
     else:  # [n, o/16, y, x, 16 | c/4, ky, kx, 4]
         n, oo, y, x, oi, rc, ry, rx, ri = loops
-        phases = []
+        phases, at = [], None
     width = int(sch.get(x).extent)
     xo, xi = sch.split(x, [None, column_tile(width)])
     vnni = has_vnni(target)
     sch.reorder(n, oo, y, *phases, xo, rc, ry, rx, *((xi, oi, ri) if vnni else (ri, xi, oi)))
-    sch.reverse_compute_at(out, xo)
+    sch.reverse_compute_at(out, xo if at is None else at)
     sch.parallel(sch.fuse(n, oo, y))
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
