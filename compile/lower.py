@@ -109,10 +109,13 @@ def prepare(mod, params: list, names: list[str], precision: str = "fp32"):
         mod = to_fp16(relax.transform.ToMixedPrecision(out_dtype="float32")(mod))
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = mod["main_transform_params"].with_attr("global_symbol", "main")
-    vm = relax.VirtualMachine(tvm.compile(tvm.IRModule({"main": lifted}), target="llvm"), tvm.cpu())
+    transform = tvm.IRModule({gv: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)})
+    transform["main"] = lifted  # with the PrimFuncs it calls (int8 weight packing)
+    vm = relax.VirtualMachine(tvm.compile(transform, target="llvm"), tvm.cpu())
     params = [p.numpy() for p in vm["main"]([tvm.runtime.tensor(p) for p in params])]
     kept = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main_transform_params"}
-    return (tvm.IRModule(kept, attrs=mod.attrs, global_infos=mod.global_infos), params,
+    kept = relax.transform.DeadCodeElimination()(tvm.IRModule(kept, attrs=mod.attrs, global_infos=mod.global_infos))
+    return (kept, params,
             _lifted_names(lifted, names))
 
 
@@ -200,3 +203,26 @@ def export(ex, path: str, board) -> None:
     if board.is_cuda:
         _drop_device_imports(ex.mod)
     ex.export_library(path, **kwargs)
+
+
+def cpu_int8_kernels(ex) -> list[dict]:
+    """The int8 kernels of a CPU build, read from its machine code: [{"name", "instructions":
+    {mnemonic: count}}] for each function of our qconv2d / qdeconv2d PrimFuncs, counting the
+    integer dot products (x86 `vpdpbusd`: AVX-512 VNNI; aarch64 `sdot`/`udot`/`usdot`) and, for
+    comparison, float FMAs. What `edgeflow inspect` shows as int8 kernels."""
+    import re
+
+    mnemonics = ("vpdpbusd", "usdot", "sdot", "udot", "vfmadd231ps")
+    asm = "\n".join(m.inspect_source("asm") for m in [ex.mod, *ex.mod.imports] if m.kind == "llvm")
+    out: dict[str, dict] = {}
+    counts = None
+    for line in asm.splitlines():
+        label = re.match(r"^([A-Za-z_][\w.]*):", line)
+        if label:
+            base = re.sub(r"_compute_.*$", "", label.group(1))
+            counts = out.setdefault(base, dict.fromkeys(mnemonics, 0)) if re.match(r"q(de)?conv2d\d*$", base) else None
+        elif counts is not None:
+            op = line.split()[0] if line.split() else ""
+            if op in counts:
+                counts[op] += 1
+    return [{"name": name, "instructions": {k: v for k, v in c.items() if v}} for name, c in sorted(out.items())]

@@ -30,6 +30,15 @@ VNNI_INTRIN = "edgeflow_dot_16x4_vnni"
 OC_BLOCK, IC_BLOCK = 16, 4
 
 
+def check_int8_target(board) -> None:
+    """InputError where edgeflow has no int8 kernels for `board` (CUDA boards, for now)."""
+    from edgeflow.errors import InputError
+
+    if board.is_cuda:
+        raise InputError(f"precision='int8': int8 kernels for CUDA boards ({board.name}) are not built yet; "
+                         f"int8 compiles for CPU targets (host, aarch64-cpu)")
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -303,12 +312,12 @@ def emit_qconv(bb, x, weight, w_scale, bias, *, a_scale: float, zero_point: int,
     o = wshape[1] if deconv else wshape[0]
     kernel, strides = (wshape[2], wshape[3]), (stride, stride)
     if deconv:
-        wpack = bb.emit_te(pack_deconv_weight_te, weight, strides, (padding, padding), primfunc_name_hint="qpack")
+        wpack = _emit_once(bb, pack_deconv_weight_te, [weight], "qpack", strides, (padding, padding))
         out_hw = ((h - 1) * stride - 2 * padding + kernel[0], (w - 1) * stride - 2 * padding + kernel[1])
     else:
-        wpack = bb.emit_te(pack_conv_weight_te, weight, primfunc_name_hint="qpack")
+        wpack = _emit_once(bb, pack_conv_weight_te, [weight], "qpack")
         out_hw = ((h + 2 * padding - kernel[0]) // stride + 1, (w + 2 * padding - kernel[1]) // stride + 1)
-    corr = bb.emit_te(correction_te, wpack, o, int(zero_point), deconv, primfunc_name_hint="qcorr")
+    corr = _emit_once(bb, correction_te, [wpack], "qcorr", o, int(zero_point), deconv)
     scale = bb.emit(relax.op.multiply(w_scale, relax.const(float(a_scale), "float32")))
     tx = te.placeholder((n, c, h, w), "float32", "x")
     tw = te.placeholder([int(v) for v in wpack.ty.shape.values], "int8", "wpack")
@@ -326,6 +335,20 @@ def emit_qconv(bb, x, weight, w_scale, bias, *, a_scale: float, zero_point: int,
                                     "padding": padding, "slope": float(slope)}, **OPAQUE})
     gv = bb.add_func(func, op)
     return bb.emit(relax.call_tir(gv, [x, wpack, corr, scale, bias], relax.TensorType([n, o, *out_hw], "float32")))
+
+
+def _emit_once(bb, te_func, inputs, name, *args):
+    """call_tir of `te_func(*placeholders, *args)`, a parameter transform that runs once at
+    compile time (`lower.prepare`): plain loops, marked scheduled so that no CPU rule touches it."""
+    from tvm import relax, te
+
+    holders = [te.placeholder([int(v) for v in x.ty.shape.values], str(x.ty.dtype), f"in{i}")
+               for i, x in enumerate(inputs)]
+    out = te_func(*holders, *args)
+    func = te.create_prim_func([*holders, out]).without_attr("global_symbol").with_attrs(
+        {"tirx.is_scheduled": True, "tir.is_scheduled": True})
+    gv = bb.add_func(func, name)
+    return bb.emit(relax.call_tir(gv, inputs, relax.TensorType([int(v) for v in out.shape], out.dtype)))
 
 
 def convert(node, importer, deconv: bool):

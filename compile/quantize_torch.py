@@ -83,10 +83,12 @@ class QuantConv(nn.Module):
         per_out = w.transpose(0, 1) if self.deconv else w  # [O, I, kh, kw]
         w_scale = per_out.abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / WMAX
         shape = (1, -1, 1, 1) if self.deconv else (-1, 1, 1, 1)
-        self.register_buffer("weight", torch.clamp(torch.round(w / w_scale.view(shape)), -WMAX, WMAX).to(torch.int8))
-        self.register_buffer("w_scale", w_scale)
-        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(per_out.shape[0])
-        self.register_buffer("bias", bias)
+        # parameters (frozen), not buffers: torch.export then hands them to the frontend as
+        # parameters, whose packing `lower.prepare` runs once at compile time
+        frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
+        self.weight = frozen(torch.clamp(torch.round(w / w_scale.view(shape)), -WMAX, WMAX).to(torch.int8))
+        self.w_scale = frozen(w_scale)
+        self.bias = frozen(layer.bias.detach().float() if layer.bias is not None else torch.zeros(per_out.shape[0]))
         self.a_scale, self.zero_point = activation_params(lo, hi)
         self.stride, self.padding, self.slope = int(layer.stride[0]), int(layer.padding[0]), float(slope)
         self.range = (float(lo), float(hi))
