@@ -54,14 +54,17 @@ class CompileResult:
         """One line: path, model, target, precision, accuracy and signer."""
         m = self.manifest
         signed = f", signed by key {self.signer}" if self.signer else ", unsigned"
+        v = m["accuracy"].get("validation")
+        gt = (f", EPE vs ground truth {v['before']:.4f} -> {v['after']:.4f} px ({v['increase']:+.1%})"
+              if v else "")
         return (f"{self.path}: {m['model']['name']} for {m['target']['name']}, {m['precision']}, "
-                f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{signed}")
+                f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{gt}{signed}")
 
 
 def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024), precision: str = "fp32",
             prune: float = 0.0, calibration=None, out=None, weights="default", force: bool = False,
             sign: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
-            max_epe_increase: float = MAX_EPE_INCREASE) -> CompileResult:
+            max_epe_increase: float = MAX_EPE_INCREASE, quantization: dict | None = None) -> CompileResult:
     """Compile `model` (registry name or torch module) for `target` into the package `out`.
 
     input_size: (H, W), multiples of 64. precision: "fp32", "fp16" or "int8" (CPU targets:
@@ -73,7 +76,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     nothing is written, unless `force`. When compressing (prune or int8), the EPE against ground
     truth of the compiled model and of the uncompressed float model on VALIDATION_PAIRS held-out
     generated pairs: growing by more than `max_epe_increase` (relative), AccuracyError and nothing
-    written, unless `force`. sign: the path of an Ed25519 private key (`edgeflow keygen`) that signs the
+    written, unless `force`. quantization: more keyword arguments of `quantize` (method,
+    percentile, calibration_pairs, size, keep, ...). sign: the path of an Ed25519 private key (`edgeflow keygen`) that signs the
     package. Returns a CompileResult.
     """
     import time
@@ -112,7 +116,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     if precision == "int8":
         from edgeflow.compile.quantize import quantize as quantize_model
 
-        torch_model = quantize_model(torch_model, calibration, max_epe_increase=max_epe_increase, progress=say)
+        torch_model = quantize_model(torch_model, calibration, max_epe_increase=max_epe_increase, progress=say,
+                                     **(quantization or {}))
     h, w = input_size
     name = model_info["name"]
     out = Path(out or f"{name}-{board.name}-{precision}-{h}x{w}.tar")
@@ -164,7 +169,7 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     if precision == "int8":
         quantization = dict(torch_model.quantization, kernels=cpu_kernels)
     model_cost = cost(compressed, (h, w))
-    if compressed is not float_model:
+    if prune or precision == "int8":  # the manifest says what compression cost and saved
         before = cost(float_model, (h, w))
         model_cost["before"] = {"parameters": before["parameters"], "macs": before["macs"]}
     manifest = build_manifest(model=model_info, input_size=(h, w), precision=precision, board=board,

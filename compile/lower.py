@@ -135,10 +135,13 @@ def _lifted_names(func, names: list[str]) -> list[str]:
     out = func.body.body
     fields = out.fields if isinstance(out, relax.Tuple) else next(
         b.value.fields for blk in func.body.blocks for b in blk.bindings if b.var.same_as(out))
-    result = []
+    result, seen = [], {}
     for i, f in enumerate(fields):
         src = sources.get(f, set())
-        result.append(names[next(iter(src))] if len(src) == 1 else f"lifted.{i}")
+        name = names[next(iter(src))] if len(src) == 1 else f"lifted.{i}"
+        seen[name] = seen.get(name, 0) + 1
+        # several made from one (int8: packed weights, zero-point correction): name.1, name.2, ...
+        result.append(name if seen[name] == 1 else f"{name}.{seen[name] - 1}")
     return result
 
 

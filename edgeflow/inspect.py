@@ -44,7 +44,8 @@ def inspect_package(path: str | os.PathLike, *, trusted_keys=None) -> dict:
               "precision": manifest["precision"], "target": manifest["target"],
               "accuracy": manifest.get("accuracy"), "compile_seconds": manifest.get("compile_seconds"),
               "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])},
-              "cost": manifest.get("cost"), "pruning": _pruning(manifest.get("pruning"))}
+              "cost": manifest.get("cost"), "pruning": _pruning(manifest.get("pruning")),
+              "quantization": _quantization(manifest.get("quantization"))}
     if manifest["target"].get("kind") != "cuda":
         report["note"] = "per-kernel statistics (registers, occupancy, roofline) are for CUDA packages only"
         return report
@@ -123,6 +124,7 @@ def format_report(report: dict) -> str:
                      f"(tolerance {acc.get('tolerance')} px, {acc.get('measured_on', '?')})")
     lines.append("  files      " + ", ".join(f"{n} {_size(s)}" for n, s in report["files"].items()))
     lines += _cost_lines(report.get("cost"), report.get("pruning"))
+    lines += _quantization_lines(report.get("quantization"), (acc or {}).get("validation"))
     if "kernels" not in report:
         lines.append(f"  note       {report['note']}")
         return "\n".join(lines)
@@ -201,6 +203,37 @@ def _cost_lines(cost: dict | None, pruning: dict | None) -> list[str]:
                      f"x{p['after'] / p['before']:.2f}, MACs x{m['after'] / m['before']:.2f}; EPE vs the unpruned "
                      f"net {e['after_distillation']:.4f} px after {pruning['distillation']['steps']} distillation "
                      f"steps ({e['after_pruning']:.4f} px before)")
+    return lines
+
+
+def _quantization(q: dict | None) -> dict | None:
+    """The manifest's quantization entry without the per-layer details: scheme, int8 layers,
+    layers kept in float, calibration, and the int8 kernels with the integer dot-product
+    instructions found in their machine code ("int8": True where there are any)."""
+    if not q:
+        return None
+    dots = ("vpdpbusd", "sdot", "udot", "usdot")
+    kernels = [{**k, "int8": any(k.get("instructions", {}).get(d) for d in dots)} for k in q.get("kernels") or []]
+    return {"scheme": q.get("scheme"), "int8_layers": sorted(q.get("layers", {})),
+            "kept_float": q.get("kept_float", {}), "calibration": q.get("calibration"), "kernels": kernels}
+
+
+def _quantization_lines(q: dict | None, validation: dict | None) -> list[str]:
+    if not q:
+        return []
+    int8 = [k for k in q["kernels"] if k["int8"]]
+    ops = sorted({op for k in int8 for op in k["instructions"] if op in ("vpdpbusd", "sdot", "udot", "usdot")})
+    lines = [f"  int8       {len(q['int8_layers'])} layers in int8 ({q['scheme']['weights']} weights, "
+             f"{q['scheme']['activations']} activations); {len(int8)} of {len(q['kernels'])} int8 kernels use "
+             f"integer dot products ({', '.join(ops) or 'none'})",
+             f"             int8: {', '.join(q['int8_layers'])}",
+             f"             kept float: {', '.join(q['kept_float'])}"]
+    c = q.get("calibration") or {}
+    lines.append(f"  calib      {c.get('pairs')} pairs at {'x'.join(map(str, c.get('size', [])))}, {c.get('method')} "
+                 f"ranges, {c.get('data')}")
+    if validation:
+        lines.append(f"  validation EPE vs ground truth {validation['before']:.4f} px (float) -> {validation['after']:.4f} "
+                     f"px (this package), {validation['increase']:+.1%} (limit {validation['max_increase']:+.0%})")
     return lines
 
 
