@@ -192,9 +192,33 @@ def test_int8_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     assert main(base + ["--target", "host", "--calib", str(empty)]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"Error: calibration={str(empty)!r}: 0 frames found")
-    assert main(base + ["--target", "jetson"]) == 3
+    assert main(base + ["--target", "jetson-nano"]) == 3  # sm_53: no dp4a
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "int8 kernels for CUDA boards" in err
+    assert err.count("\n") == 1 and "has no int8 dot product (dp4a needs sm_61" in err
     assert main(base + ["--target", "host", "--max-epe-increase", "-1"]) == 3
     assert "max_epe_increase=-1.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("board", ["jetson", "jetson-agx-xavier"])
+def test_int8_for_the_jetsons_runs_on_dp4a_without_spills(board, tmp_path, capsys):
+    """sm_87: dp4a read from the SASS; sm_72 (whose SASS CUDA 13's cuobjdump refuses): from the PTX."""
+    from edgeflow.compile import compile
+    from edgeflow.compile.sass import cuobjdump
+
+    out = compile("flownet2-s", target=board, input_size=SIZE, precision="int8", out=tmp_path / "j.tar",
+                  quantization=FAST)
+    m = out.manifest
+    assert m["kernels"] and all(k["spill_stores"] == k["spill_loads"] == 0 for k in m["kernels"])
+    assert m["accuracy"]["epe_vs_torch"] <= 0.15 and m["accuracy"]["validation"]["increase"] <= 0.05
+    conv = [k for k in m["kernels"] if k["name"].startswith(("qconv2d", "qdeconv2d"))]
+    if board == "jetson":
+        if cuobjdump() is None:
+            pytest.skip("cuobjdump is not installed (make sass-tools)")
+        dp4a = [k for k in conv if k["sass"]["dp4a"] > 0]
+    else:
+        assert all(k["sass"] is None for k in conv)
+        dp4a = [k for k in conv if k["ptx"]["dp4a"] > 0]
+    assert len(dp4a) == len(m["quantization"]["layers"])  # one dp4a kernel per int8 layer
+    assert main(["inspect", os.fspath(out.path)]) == 0
+    assert ("dp4a (PTX)" if board != "jetson" else " dp4a ") in capsys.readouterr().out
