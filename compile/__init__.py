@@ -67,9 +67,9 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
             max_epe_increase: float = MAX_EPE_INCREASE, quantization: dict | None = None) -> CompileResult:
     """Compile `model` (registry name or torch module) for `target` into the package `out`.
 
-    input_size: (H, W), multiples of 64. precision: "fp32", "fp16" or "int8" (CPU targets:
-    `edgeflow.compile.quantize` calibrates on `calibration` or generated pairs, then int8
-    kernels). prune > 0 prunes that share of channels first and distils on `calibration` (a frame
+    input_size: (H, W), multiples of 64. precision: "fp32", "fp16" or "int8"
+    (`edgeflow.compile.quantize` calibrates on `calibration` or generated pairs; int8 kernels:
+    `quantize_ops`, AVX-512 VNNI on x86, dp4a on the Jetsons). prune > 0 prunes that share of channels first and distils on `calibration` (a frame
     directory) or generated pairs (`edgeflow.compile.prune.prune`); a pruned weight file compiles
     as it is. The package records the EPE of the compiled model against the torch model on
     generated pairs; above TOLERANCE[precision] (or when it is not a number) AccuracyError and

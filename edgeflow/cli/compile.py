@@ -15,8 +15,8 @@ def compile_cmd(
     model: str = typer.Argument("flownet2-s", help="Registry name (see `edgeflow models`)."),
     target: str = typer.Option("jetson", "--target", "-t", help="Board or CPU (see `edgeflow targets`)."),
     weights: str = typer.Option("default", help="default (shipped), random (untrained), or a weight file."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (int8: CPU targets; calibrated on --calib "
-                                               "or generated pairs)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (calibrated on --calib or generated pairs; "
+                                               "VNNI on x86, dp4a on Jetsons)."),
     prune: float = typer.Option(0.0, help="Share of channels to remove (structured pruning, then "
                                            "distillation; see `edgeflow prune`)."),
     calib: str = typer.Option(None, "--calib", help="Directory of your own video frames to distil the "
