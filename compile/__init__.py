@@ -12,6 +12,7 @@ owns the format. Importing this package imports neither torch nor TVM.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class CompileResult:
         m = self.manifest
         signed = f", signed by key {self.signer}" if self.signer else ", unsigned"
         v = m["accuracy"].get("validation")
-        gt = (f", EPE vs ground truth {v['before']:.4f} -> {v['after']:.4f} px ({v['increase']:+.1%})"
+        gt = (f", EPE vs ground truth {v['before']:.4f} -> {v['after']:.4f} px ({_share(v['increase'])})"
               if v else "")
         return (f"{self.path}: {m['model']['name']} for {m['target']['name']}, {m['precision']}, "
                 f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{gt}{signed}")
@@ -139,15 +140,16 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
                 f"the uncompressed float model")
             validation = _validate(float_model, run, (h, w), max_epe_increase)
             say(f"         float {validation['before']:.4f} px, compiled {validation['after']:.4f} px "
-                f"({validation['increase']:+.1%})")
+                f"({_share(validation['increase'])})")
         cpu_kernels = lower.cpu_int8_kernels(ex) if precision == "int8" and not board.is_cuda else None
     tolerance = TOLERANCE[precision]
     if not epe <= tolerance and not force:  # NaN fails too
         raise AccuracyError(f"compiled {name} differs from the torch model by EPE {epe:.4f} px (tolerance "
                             f"{tolerance} px for {precision}); nothing written (force=True writes it anyway)")
-    if validation is not None and not validation["increase"] <= max_epe_increase and not force:
+    grew = None if validation is None else validation["increase"]
+    if validation is not None and not (math.inf if grew is None else grew) <= max_epe_increase and not force:
         raise AccuracyError(f"compressed {name} has EPE {validation['after']:.4f} px against ground truth on "
-                            f"{VALIDATION_PAIRS} held-out generated pairs, {validation['increase']:+.1%} over the float "
+                            f"{VALIDATION_PAIRS} held-out generated pairs, {_share(validation['increase'])} over the float "
                             f"model's {validation['before']:.4f} px (max_epe_increase={max_epe_increase:g}); nothing "
                             f"written (force=True writes it anyway)")
     say(f"package  {out}")
@@ -179,6 +181,11 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
                               quantization=quantization, cost=model_cost)
     manifest = write_package(out, manifest, files, signing_key=signing_key)
     return CompileResult(out, manifest, signer)
+
+
+def _share(v) -> str:
+    """A relative change as "+4.2%" ("+inf" where it is not a number: the manifest stores None)."""
+    return "+inf" if v is None else f"{v:+.1%}"
 
 
 def _resolve_model(model, weights):
@@ -269,8 +276,10 @@ def _validate(float_model, run, size, max_increase: float) -> dict:
             before.append(epe_chw(float_model(torch.from_numpy(a), torch.from_numpy(b)).numpy(), gt))
         after.append(epe_chw(run(a, b), gt))
     b, a = float(np.mean(before)), float(np.mean(after))
-    return {"before": round(b, 5), "after": round(a, 5), "increase": round((a - b) / b, 5) if b > 0 else (0.0 if a <= b else float("inf")),
-            "max_increase": max_increase, "pairs": VALIDATION_PAIRS, "size": list(size),
+    increase = (a - b) / b if b > 0 else (0.0 if a <= b else float("inf"))
+    finite = lambda v: round(v, 5) if math.isfinite(v) else None  # noqa: E731 - the manifest is strict JSON
+    return {"before": round(b, 5), "after": round(a, 5), "increase": finite(increase),
+            "max_increase": finite(float(max_increase)), "pairs": VALIDATION_PAIRS, "size": list(size),
             "data": "held-out generated pairs (edgeflow.synth), EPE against ground truth; before: the uncompressed "
                     "float torch model, after: this package"}
 

@@ -235,8 +235,12 @@ def _quantization_lines(q: dict | None, validation: dict | None) -> list[str]:
                  f"ranges, {c.get('data')}")
     if validation:
         lines.append(f"  validation EPE vs ground truth {validation['before']:.4f} px (float) -> {validation['after']:.4f} "
-                     f"px (this package), {validation['increase']:+.1%} (limit {validation['max_increase']:+.0%})")
+                     f"px (this package), {_share(validation['increase'])} (limit {_share(validation['max_increase'])})")
     return lines
+
+
+def _share(v) -> str:
+    return "none" if v is None else f"{v:+.1%}"
 
 
 def _board(target: dict):
