@@ -296,14 +296,14 @@ def schedule_qconv(func, target, board=None):
     sch.reorder(n, oo, y, *phases, xo, rc, ry, rx, *((xi, oi, ri) if vnni else (ri, xi, oi)))
     sch.reverse_compute_at(out, xo if at is None else at)
     sch.parallel(sch.fuse(n, oo, y))
+    if not vnni:  # before the init is split off: vectorize needs the whole reduction block
+        sch.unroll(ri)
+        sch.vectorize(oi)
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(xi)
     if vnni:
         sch.tensorize(oi, register_vnni())
-    else:
-        sch.unroll(ri)
-        sch.vectorize(oi)
     out_loops = sch.get_loops(out)
     sch.vectorize(out_loops[-1]) if int(sch.get(out_loops[-1]).extent) in (4, 8, 16) else None
     sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))

@@ -222,3 +222,34 @@ def test_int8_for_the_jetsons_runs_on_dp4a_without_spills(board, tmp_path, capsy
     assert len(dp4a) == len(m["quantization"]["layers"])  # one dp4a kernel per int8 layer
     assert main(["inspect", os.fspath(out.path)]) == 0
     assert ("dp4a (PTX)" if board != "jetson" else " dp4a ") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("deconv", [False, True])
+def test_int8_kernels_without_vnni_compute_the_same(deconv):
+    """The fallback schedule (x86 without VNNI, aarch64): same loops, vectorised, same integers."""
+    import tvm
+    from tvm import relax
+
+    from edgeflow.compile import quantize_ops
+    from edgeflow.compile.ops import apply_hand_schedules
+    from edgeflow.compile.quantize_torch import QuantConv
+
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose2d(20, 24, 4, 2, 1) if deconv else torch.nn.Conv2d(20, 24, 3, 2, 1)
+    mod = QuantConv(layer, -1.0, 3.0, 0.1)
+    x = torch.randn(1, 20, 8, 12)
+    want = mod(x).detach().numpy()
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})  # AVX2, no VNNI: runs here too
+    assert not quantize_ops.has_vnni(target)
+    bb = relax.BlockBuilder()
+    args = [relax.Var(v, relax.TensorType(list(t.shape), str(t.dtype).replace("torch.", "")))
+            for v, t in (("x", x), ("w", mod.weight), ("s", mod.w_scale), ("b", mod.bias))]
+    with bb.function("main", args):
+        bb.emit_func_output(quantize_ops.emit_qconv(bb, *args, a_scale=mod.a_scale, zero_point=mod.zero_point,
+                                                    stride=mod.stride, padding=mod.padding, slope=mod.slope,
+                                                    deconv=deconv))
+    with target:
+        irmod = apply_hand_schedules(relax.get_pipeline("zero")(bb.get()), target)
+    vm = relax.VirtualMachine(tvm.compile(irmod, target=target), tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(t.detach().numpy()) for t in (x, mod.weight, mod.w_scale, mod.bias)])
+    assert np.abs(got.numpy() - want).max() <= 1e-5 * np.abs(want).max()
