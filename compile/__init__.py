@@ -70,16 +70,17 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
 
     input_size: (H, W), multiples of 64. precision: "fp32", "fp16" or "int8"
     (`edgeflow.compile.quantize` calibrates on `calibration` or generated pairs; int8 kernels:
-    `quantize_ops`, AVX-512 VNNI on x86, dp4a on the Jetsons). prune > 0 prunes that share of channels first and distils on `calibration` (a frame
-    directory) or generated pairs (`edgeflow.compile.prune.prune`); a pruned weight file compiles
-    as it is. The package records the EPE of the compiled model against the torch model on
-    generated pairs; above TOLERANCE[precision] (or when it is not a number) AccuracyError and
-    nothing is written, unless `force`. When compressing (prune or int8), the EPE against ground
-    truth of the compiled model and of the uncompressed float model on VALIDATION_PAIRS held-out
-    generated pairs: growing by more than `max_epe_increase` (relative), AccuracyError and nothing
-    written, unless `force`. quantization: more keyword arguments of `quantize` (method,
-    percentile, calibration_pairs, size, keep, ...). sign: the path of an Ed25519 private key (`edgeflow keygen`) that signs the
-    package. Returns a CompileResult.
+    `quantize_ops`, AVX-512 VNNI on x86, dp4a on the Jetsons). prune > 0 prunes that share of
+    channels first and distils on `calibration` (a frame directory) or generated pairs
+    (`edgeflow.compile.prune.prune`); a pruned weight file compiles as it is. The package records
+    the EPE of the compiled model against the torch model on generated pairs; above
+    TOLERANCE[precision] (or when it is not a number) AccuracyError and nothing is written,
+    unless `force`. When compressing (prune or int8), the EPE against ground truth of the
+    compiled model and of the uncompressed float model on VALIDATION_PAIRS held-out generated
+    pairs: growing by more than `max_epe_increase` (relative), AccuracyError and nothing written,
+    unless `force`. quantization: more keyword arguments of `quantize` (method, percentile,
+    calibration_pairs, size, keep, ...). sign: the path of an Ed25519 private key (`edgeflow
+    keygen`) that signs the package. Returns a CompileResult.
     """
     import time
 
@@ -149,9 +150,9 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     grew = None if validation is None else validation["increase"]
     if validation is not None and not (math.inf if grew is None else grew) <= max_epe_increase and not force:
         raise AccuracyError(f"compressed {name} has EPE {validation['after']:.4f} px against ground truth on "
-                            f"{VALIDATION_PAIRS} held-out generated pairs, {_share(validation['increase'])} over the float "
-                            f"model's {validation['before']:.4f} px (max_epe_increase={max_epe_increase:g}); nothing "
-                            f"written (force=True writes it anyway)")
+                            f"{VALIDATION_PAIRS} held-out generated pairs, {_share(grew)} over the float model's "
+                            f"{validation['before']:.4f} px (max_epe_increase={max_epe_increase:g}); nothing written "
+                            f"(force=True writes it anyway)")
     say(f"package  {out}")
     files = {"params.npz": params_npz(param_names, params)}
     with _tempdir() as d:

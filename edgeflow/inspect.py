@@ -234,8 +234,9 @@ def _quantization_lines(q: dict | None, validation: dict | None) -> list[str]:
     lines.append(f"  calib      {c.get('pairs')} pairs at {'x'.join(map(str, c.get('size', [])))}, {c.get('method')} "
                  f"ranges, {c.get('data')}")
     if validation:
-        lines.append(f"  validation EPE vs ground truth {validation['before']:.4f} px (float) -> {validation['after']:.4f} "
-                     f"px (this package), {_share(validation['increase'])} (limit {_share(validation['max_increase'])})")
+        lines.append(f"  validation EPE vs ground truth {validation['before']:.4f} px (float) -> "
+                     f"{validation['after']:.4f} px (this package), {_share(validation['increase'])} "
+                     f"(limit {_share(validation['max_increase'])})")
     return lines
 
 
