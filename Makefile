@@ -65,7 +65,10 @@ bench: install
 	mv out/bench/pipeline.json.tmp out/bench/pipeline.json
 	$(BIN)/python bench/correlation.py --json > out/bench/correlation.json.tmp
 	mv out/bench/correlation.json.tmp out/bench/correlation.json
-	cat out/bench/flownet2-s-host-384x512.json out/bench/pipeline.json out/bench/correlation.json
+	$(BIN)/python bench/compress.py --json > out/bench/compress.json.tmp
+	mv out/bench/compress.json.tmp out/bench/compress.json
+	cat out/bench/flownet2-s-host-384x512.json out/bench/pipeline.json out/bench/correlation.json \
+	  out/bench/compress.json
 
 # Time-boxed training on a machine with an NVIDIA GPU and torch (bench/train_gpu.sh says how);
 # no install step: it also runs where no package registry can be reached. Not part of `make test`.

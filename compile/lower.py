@@ -120,10 +120,13 @@ def prepare(mod, params: list, names: list[str], precision: str = "fp32", cuda: 
             mod = cast_before_concat(mod)
     mod = relax.transform.LiftTransformParams()(mod)
     lifted = mod["main_transform_params"].with_attr("global_symbol", "main")
-    vm = relax.VirtualMachine(tvm.compile(tvm.IRModule({"main": lifted}), target="llvm"), tvm.cpu())
+    transform = tvm.IRModule({gv: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)})
+    transform["main"] = lifted  # with the PrimFuncs it calls (int8 weight packing)
+    vm = relax.VirtualMachine(tvm.compile(transform, target="llvm"), tvm.cpu())
     params = [p.numpy() for p in vm["main"]([tvm.runtime.tensor(p) for p in params])]
     kept = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main_transform_params"}
-    return (tvm.IRModule(kept, attrs=mod.attrs, global_infos=mod.global_infos), params,
+    kept = relax.transform.DeadCodeElimination()(tvm.IRModule(kept, attrs=mod.attrs, global_infos=mod.global_infos))
+    return (kept, params,
             _lifted_names(lifted, names))
 
 
@@ -143,10 +146,13 @@ def _lifted_names(func, names: list[str]) -> list[str]:
     out = func.body.body
     fields = out.fields if isinstance(out, relax.Tuple) else next(
         b.value.fields for blk in func.body.blocks for b in blk.bindings if b.var.same_as(out))
-    result = []
+    result, seen = [], {}
     for i, f in enumerate(fields):
         src = sources.get(f, set())
-        result.append(names[next(iter(src))] if len(src) == 1 else f"lifted.{i}")
+        name = names[next(iter(src))] if len(src) == 1 else f"lifted.{i}"
+        seen[name] = seen.get(name, 0) + 1
+        # several made from one (int8: packed weights, zero-point correction): name.1, name.2, ...
+        result.append(name if seen[name] == 1 else f"{name}.{seen[name] - 1}")
     return result
 
 
@@ -187,8 +193,15 @@ def _build(mod, board):
     code.cubin, resources = compile_cuda(code.source, board.cuda_arch, board.cuda_version)
     code.kernels = kernel_stats.merge(resources, code.stats, mod)
     classes = sass.instruction_classes(code.cubin, board.cuda_arch)
+    ptx = None
+    if classes is None and "__dp4a" in code.source:  # int8 on an arch whose SASS is unreadable here
+        from edgeflow.compile.cuda_toolchain import ptx_instruction_counts
+
+        ptx = ptx_instruction_counts(code.source, board.cuda_arch, board.cuda_version)
     for k in code.kernels:  # what the SASS executes; None where this machine cannot read it
         k["sass"] = None if classes is None else classes.get(k["name"])
+        if ptx is not None:
+            k["ptx"] = ptx.get(k["name"])
     return ex, code
 
 
@@ -213,3 +226,26 @@ def export(ex, path: str, board) -> None:
     if board.is_cuda:
         _drop_device_imports(ex.mod)
     ex.export_library(path, **kwargs)
+
+
+def cpu_int8_kernels(ex) -> list[dict]:
+    """The int8 kernels of a CPU build, read from its machine code: [{"name", "instructions":
+    {mnemonic: count}}] for each function of our qconv2d / qdeconv2d PrimFuncs, counting the
+    integer dot products (x86 `vpdpbusd`: AVX-512 VNNI; aarch64 `sdot`/`udot`/`usdot`) and, for
+    comparison, float FMAs. What `edgeflow inspect` shows as int8 kernels."""
+    import re
+
+    mnemonics = ("vpdpbusd", "usdot", "sdot", "udot", "vfmadd231ps")
+    asm = "\n".join(m.inspect_source("asm") for m in [ex.mod, *ex.mod.imports] if m.kind == "llvm")
+    out: dict[str, dict] = {}
+    counts = None
+    for line in asm.splitlines():
+        label = re.match(r"^([A-Za-z_][\w.]*):", line)
+        if label:
+            base = re.sub(r"_compute_.*$", "", label.group(1))
+            counts = out.setdefault(base, dict.fromkeys(mnemonics, 0)) if re.match(r"q(de)?conv2d\d*$", base) else None
+        elif counts is not None:
+            op = line.split()[0] if line.split() else ""
+            if op in counts:
+                counts[op] += 1
+    return [{"name": name, "instructions": {k: v for k, v in c.items() if v}} for name, c in sorted(out.items())]

@@ -47,7 +47,8 @@ def inspect_package(path: str | os.PathLike, *, trusted_keys=None) -> dict:
               "precision": manifest["precision"], "target": manifest["target"],
               "accuracy": manifest.get("accuracy"), "compile_seconds": manifest.get("compile_seconds"),
               "files": {name: (Path(directory) / name).stat().st_size for name in sorted(manifest["files"])},
-              "cost": manifest.get("cost"), "pruning": _pruning(manifest.get("pruning"))}
+              "cost": manifest.get("cost"), "pruning": _pruning(manifest.get("pruning")),
+              "quantization": _quantization(manifest.get("quantization"))}
     if manifest["target"].get("kind") != "cuda":
         report["note"] = "per-kernel statistics (registers, occupancy, roofline) are for CUDA packages only"
         return report
@@ -69,7 +70,7 @@ def kernel_report(kernel: dict, board) -> dict:
          "registers": kernel["registers"], "spill_stores": kernel["spill_stores"], "spill_loads": kernel["spill_loads"],
          "shared_bytes": kernel["shared_bytes"], "stack_bytes": kernel.get("stack_bytes", 0),
          "flops": kernel.get("flops"), "flops_fp16": kernel.get("flops_fp16", 0), "bytes": kernel.get("bytes"),
-         "sass": kernel.get("sass"), "units": units(kernel.get("sass")),
+         "sass": kernel.get("sass"), "ptx": kernel.get("ptx"), "units": units(kernel.get("sass"), kernel.get("ptx")),
          "occupancy": None, "blocks_per_sm": None, "limited_by": None, "roofline_us": None, "bound": None,
          "kind": None, "predicted_us": None}
     if k["threads_per_block"]:
@@ -82,11 +83,13 @@ def kernel_report(kernel: dict, board) -> dict:
     return k
 
 
-def units(sass: dict | None) -> str | None:
+def units(sass: dict | None, ptx: dict | None = None) -> str | None:
     """Where a kernel's arithmetic runs, from the instruction counts of its SASS: "tensor core",
-    "dp4a", "fma" (FFMA/HFMA2 only), "other" (none of those), None (SASS not read)."""
+    "dp4a", "fma" (FFMA/HFMA2 only), "other" (none of those), None (SASS not read). Where only
+    the PTX was read (int8 kernels for sm_72, whose SASS this machine cannot disassemble):
+    "dp4a (PTX)" for kernels with dp4a instructions."""
     if sass is None:
-        return None
+        return "dp4a (PTX)" if ptx and ptx.get("dp4a") else None
     for name, unit in (("tensor_core", "tensor core"), ("dp4a", "dp4a")):
         if sass.get(name):
             return unit
@@ -130,6 +133,7 @@ def format_report(report: dict) -> str:
                      f"(tolerance {acc.get('tolerance')} px, {acc.get('measured_on', '?')})")
     lines.append("  files      " + ", ".join(f"{n} {_size(s)}" for n, s in report["files"].items()))
     lines += _cost_lines(report.get("cost"), report.get("pruning"))
+    lines += _quantization_lines(report.get("quantization"), (acc or {}).get("validation"))
     if "kernels" not in report:
         lines.append(f"  note       {report['note']}")
         return "\n".join(lines)
@@ -219,6 +223,42 @@ def _cost_lines(cost: dict | None, pruning: dict | None) -> list[str]:
                      f"net {e['after_distillation']:.4f} px after {pruning['distillation']['steps']} distillation "
                      f"steps ({e['after_pruning']:.4f} px before)")
     return lines
+
+
+def _quantization(q: dict | None) -> dict | None:
+    """The manifest's quantization entry without the per-layer details: scheme, int8 layers,
+    layers kept in float, calibration, and the int8 kernels with the integer dot-product
+    instructions found in their machine code ("int8": True where there are any)."""
+    if not q:
+        return None
+    dots = ("vpdpbusd", "sdot", "udot", "usdot")
+    kernels = [{**k, "int8": any(k.get("instructions", {}).get(d) for d in dots)} for k in q.get("kernels") or []]
+    return {"scheme": q.get("scheme"), "int8_layers": sorted(q.get("layers", {})),
+            "kept_float": q.get("kept_float", {}), "calibration": q.get("calibration"), "kernels": kernels}
+
+
+def _quantization_lines(q: dict | None, validation: dict | None) -> list[str]:
+    if not q:
+        return []
+    int8 = [k for k in q["kernels"] if k["int8"]]
+    ops = sorted({op for k in int8 for op in k["instructions"] if op in ("vpdpbusd", "sdot", "udot", "usdot")})
+    lines = [f"  int8       {len(q['int8_layers'])} layers in int8 ({q['scheme']['weights']} weights, "
+             f"{q['scheme']['activations']} activations); {len(int8)} of {len(q['kernels'])} int8 kernels use "
+             f"integer dot products ({', '.join(ops) or 'none'})",
+             f"             int8: {', '.join(q['int8_layers'])}",
+             f"             kept float: {', '.join(q['kept_float'])}"]
+    c = q.get("calibration") or {}
+    lines.append(f"  calib      {c.get('pairs')} pairs at {'x'.join(map(str, c.get('size', [])))}, {c.get('method')} "
+                 f"ranges, {c.get('data')}")
+    if validation:
+        lines.append(f"  validation EPE vs ground truth {validation['before']:.4f} px (float) -> "
+                     f"{validation['after']:.4f} px (this package), {_share(validation['increase'])} "
+                     f"(limit {_share(validation['max_increase'])})")
+    return lines
+
+
+def _share(v) -> str:
+    return "none" if v is None else f"{v:+.1%}"
 
 
 def _board(target: dict):

@@ -38,7 +38,7 @@ def count_video_frames(path) -> int:
 
 # Largest EPE (px) of a compiled package against its torch model, per precision: the tests' own
 # table, so that a change of the compiler's gate cannot loosen the tests with it.
-TOLERANCE = {"fp32": 0.01, "fp16": 0.25}
+TOLERANCE = {"fp32": 0.01, "fp16": 0.25, "int8": 0.15}  # int8: against the fake-quant model
 
 
 def engine_epe_vs_torch(engine, model, size: tuple[int, int], pairs: int = 2, seed: int = 4242) -> float:

@@ -63,9 +63,11 @@ def apply_hand_schedules(mod, target, board=None):
     """Replace every PrimFunc of `mod` that carries `edgeflow.op` by its hand-scheduled form for
     `target` (CUDA or LLVM; CUDA tiles sized for `board`, see `gpu_board`). Other functions are
     returned untouched."""
+    from edgeflow.compile import quantize_ops
     from edgeflow.compile.ops import correlation, warp
 
-    schedulers = {"correlation": correlation.schedule_correlation, "warp": warp.schedule_warp}
+    schedulers = {"correlation": correlation.schedule_correlation, "warp": warp.schedule_warp,
+                  "qconv2d": quantize_ops.schedule_qconv, "qdeconv2d": quantize_ops.schedule_qconv}
     todo = []
     for gv, func in mod.functions.items():
         attrs = getattr(func, "attrs", None)
@@ -175,11 +177,24 @@ def _convert_leaky_relu(node, importer):
     return convert_leaky_relu(node, importer)
 
 
+def _convert_qconv(node, importer):
+    from edgeflow.compile.quantize_ops import convert
+
+    return convert(node, importer, deconv=False)
+
+
+def _convert_qdeconv(node, importer):
+    from edgeflow.compile.quantize_ops import convert
+
+    return convert(node, importer, deconv=True)
+
+
 # For `from_exported_program(ep, custom_convert_map=CUSTOM_CONVERT_MAP)`: keys are the fx node
 # targets' names (`torch.ops.edgeflow.correlation.default.__name__`). The LeakyReLU entry lets
 # a correlation absorb the activation that follows it (FlowNetC's corr_activation).
 CUSTOM_CONVERT_MAP = {"correlation.default": _convert_correlation, "warp.default": _convert_warp,
-                      "leaky_relu.default": _convert_leaky_relu}
+                      "leaky_relu.default": _convert_leaky_relu, "qconv2d.default": _convert_qconv,
+                      "qdeconv2d.default": _convert_qdeconv}
 
 
 _LAZY = {name: "correlation" for name in ("correlation_primfunc", "schedule_correlation", "emit_correlation",

@@ -15,14 +15,19 @@ def compile_cmd(
     model: str = typer.Argument("flownet2-s", help="Registry name (see `edgeflow models`)."),
     target: str = typer.Option("jetson", "--target", "-t", help="Board or CPU (see `edgeflow targets`)."),
     weights: str = typer.Option("default", help="default (shipped), random (untrained), or a weight file."),
-    precision: str = typer.Option("fp32", help="fp32 or fp16."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (calibrated on --calib or generated pairs; "
+                                               "VNNI on x86, dp4a on Jetsons)."),
     prune: float = typer.Option(0.0, help="Share of channels to remove (structured pruning, then "
                                            "distillation; see `edgeflow prune`)."),
     calib: str = typer.Option(None, "--calib", help="Directory of your own video frames to distil the "
-                                                    "pruned net on (default: generated pairs)."),
+                                                    "pruned net and calibrate int8 on (default: generated pairs)."),
+    max_epe_increase: float = typer.Option(0.05, "--max-epe-increase",
+                                           help="With --prune or int8: refuse (exit 5, nothing written) when the EPE "
+                                                "against ground truth grows by more than this share (0.05 = 5 %)."),
     size: str = typer.Option("448x1024", help="Network input size HxW, multiples of 64."),
     out: str = typer.Option(None, "-o", "--out", help="Package path (default: MODEL-TARGET-PRECISION-HxW.tar)."),
-    force: bool = typer.Option(False, help="Write the package even if its EPE exceeds the tolerance."),
+    force: bool = typer.Option(False, help="Write the package even if its EPE exceeds the tolerance or "
+                                           "--max-epe-increase."),
     sign: Path = typer.Option(None, "--sign", metavar="KEY",
                               help="Sign the package with this Ed25519 private key (`edgeflow keygen`)."),
 ) -> None:
@@ -39,5 +44,6 @@ def compile_cmd(
     t0 = time.time()
     result = compile(model, target=target, input_size=parse_size(size), precision=precision, prune=prune,
                      calibration=calib, out=out, weights=weights, force=force, sign=sign,
+                     max_epe_increase=max_epe_increase,
                      progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
     typer.echo(result.summary())
