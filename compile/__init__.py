@@ -50,7 +50,8 @@ class CompileResult:
 
 def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024), precision: str = "fp32",
             prune: float = 0.0, calibration=None, out=None, weights="default", force: bool = False,
-            sign: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None) -> CompileResult:
+            sign: str | os.PathLike | None = None, tuning_db: str | os.PathLike | None = None,
+            progress: Callable[[str], None] | None = None) -> CompileResult:
     """Compile `model` (registry name or torch module) for `target` into the package `out`.
 
     input_size: (H, W), multiples of 64. precision: "fp32" or "fp16". prune > 0 prunes that share
@@ -59,7 +60,10 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     the EPE of the compiled model against the torch model on generated pairs; above
     TOLERANCE[precision] (or when it is not a number) AccuracyError and nothing is written,
     unless `force`. sign: the path of an Ed25519 private key (`edgeflow keygen`) that signs the
-    package. Returns a CompileResult.
+    package. tuning_db: a database directory written by `edgeflow.compile.tune.tune` for this
+    model, size, precision and target (InputError otherwise); its schedules replace the hand
+    ones where they measured faster, and the manifest's `tuning` lists them. Returns a
+    CompileResult.
     """
     import time
 
@@ -88,6 +92,11 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
         torch_model = prune_model(torch_model, prune, calibration=calibration, progress=say)
     h, w = input_size
     name = model_info["name"]
+    tuning = None
+    if tuning_db is not None:
+        from edgeflow.compile.tune import open_database
+
+        tuning = open_database(tuning_db, model=model_info, target=board.name, input_size=(h, w), precision=precision)
     out = Path(out or f"{name}-{board.name}-{precision}-{h}x{w}.tar")
 
     t0 = time.time()
@@ -97,7 +106,7 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
         say(f"lower    for {board.name} ({board.kind}{' ' + board.cuda_arch if board.is_cuda else ''}, {precision})")
         mod, params, param_names = lower.prepare(relax_model.mod, relax_model.params, relax_model.param_names,
                                                  precision)
-        ex, device_code = lower.build(mod, board)
+        ex, device_code = lower.build(mod, board, tuning)
         say("verify   EPE against the torch model on generated pairs")
         epe = _measure_epe(torch_model, mod, params, board, ex, (h, w))
     tolerance = TOLERANCE[precision]
@@ -121,7 +130,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
                               versions=_versions(), param_names=param_names, accuracy=accuracy,
                               kernels=device_code.kernels if device_code else [],
                               compile_seconds=time.time() - t0, pruning=manifest_entry(torch_model),
-                              cost=cost(torch_model, (h, w)))
+                              cost=cost(torch_model, (h, w)),
+                              tuning=tuning.manifest_entry() if tuning is not None else None)
     manifest = write_package(out, manifest, files, signing_key=signing_key)
     return CompileResult(out, manifest, signer)
 

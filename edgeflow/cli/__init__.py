@@ -16,7 +16,7 @@ import traceback
 import typer
 
 # Each module defines `register(app)`; the order is the order of `edgeflow --help`.
-COMMANDS = ["models", "targets", "synth", "train", "import_weights", "prune", "keygen", "compile", "eval", "run",
+COMMANDS = ["models", "targets", "synth", "train", "import_weights", "prune", "keygen", "compile", "tune", "eval", "run",
             "serve", "check", "inspect", "bench"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
