@@ -15,7 +15,8 @@ def tune_cmd(
     size: str = typer.Option("448x1024", help="Network input size HxW (the size you will compile)."),
     trials: int = typer.Option(64, help="Candidates measured per task (a rerun adds what is missing)."),
     db: str = typer.Option(None, "--db", help="Tuning database directory (default: tuning/MODEL-TARGET-HxW)."),
-    tasks: str = typer.Option("auto", help="auto (the kernels the hand schedules cover badly), all, or kernel names, comma-separated."),
+    tasks: str = typer.Option("auto", help="auto (the kernels the hand schedules cover badly), all, or "
+                                           "kernel names, comma-separated."),
     rpc_tracker: str = typer.Option(None, "--rpc-tracker", metavar="HOST:PORT",
                                     help="Measure on devices registered with this TVM RPC tracker."),
     rpc_key: str = typer.Option(None, "--rpc-key", help="The key the devices registered with (rpc_server --key)."),
