@@ -452,6 +452,7 @@ def tune(model="flownet2-s", *, target: str, input_size=(384, 512), db, trials: 
     db.mkdir(parents=True, exist_ok=True)
     lock = _lock(db)
     try:
+        _repair(db)
         return _tune_locked(db, meta, info, board, tvm_target, target_spec, torch_model, input_size, precision, tasks,
                             trials, rpc_tracker, rpc_key, say)
     finally:
@@ -589,6 +590,33 @@ def _first_line(text: str) -> str:
     return (lines[-1] if lines else "")[:200]
 
 
+def batch_size(trials: int) -> int:
+    """Candidates measured per batch: at most 32 (what a kill can lose), at least 2, and half the
+    trials asked for, so that even a short run saves progress before it ends."""
+    return max(2, min(32, trials // 2))
+
+
+def _repair(db: Path) -> None:
+    """Drop a last line a kill cut short from the JSON database files (MetaSchedule appends a
+    line per record and refuses to load a file with a broken one)."""
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        path = db / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines()
+        good = []
+        for line in lines:
+            try:
+                json.loads(line)
+            except ValueError:
+                continue
+            good.append(line)
+        if len(good) != len(lines) or (lines and not path.read_text().endswith("\n")):
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(line + "\n" for line in good))
+            os.replace(tmp, path)
+
+
 def _tune_one(key, name, target, trials, db, builder, runner, entry, meta, say) -> None:
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -615,7 +643,7 @@ def _tune_one(key, name, target, trials, db, builder, runner, entry, meta, say) 
     ctx = ms.TuneContext(mod=key, target=target, space_generator="post-order-apply", search_strategy=strategy,
                          task_name=name, num_threads="physical")
     ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(db / "logs"), max_trials_global=trials,
-                  max_trials_per_task=trials, num_trials_per_iter=min(trials, 32), builder=builder, runner=runner,
+                  max_trials_per_task=trials, num_trials_per_iter=batch_size(trials), builder=builder, runner=runner,
                   database=database, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                                         Progress()],
                   task_scheduler="round-robin")

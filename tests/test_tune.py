@@ -187,8 +187,8 @@ def test_foreign_databases_are_refused(rpc_db, tmp_path, capsys):
         flag = "--tuning-db" if args[0] == "compile" else "--db"
         assert main([*args, flag, str(db), "--weights", "random"] if args[0] == "compile" else [*args, flag, str(db)]) \
             == 3, args
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and words in err and str(db) in err, err
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and words in errors[0] and str(db) in errors[0], errors
     (tmp_path / "junk").mkdir()
     assert main(["compile", "--target", "host", "--tuning-db", str(tmp_path / "junk")]) == 3
     assert "not a tuning database" in capsys.readouterr().err
@@ -219,15 +219,18 @@ def test_tuning_resumes_after_a_kill(tmp_path):
               Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", timeout=30)
     before = json.loads(meta_path.read_text())["tasks"]
     assert "task 1/2" in (db / "tune.log").read_text()
+    records = (db / "database_tuning_record.json").read_text()
+    (db / "database_tuning_record.json").write_text(records + records.splitlines()[-1][:20])  # a cut-off line
     result = tune("flownet2-s", target="host", input_size=SIZE, db=db, trials=4,
                   tasks=f"{TASK},conv2d_transpose3")
     after = result.meta["tasks"]
     assert after[TASK]["trials"] >= 4 and after["conv2d_transpose3"]["trials"] >= 4
     assert after[TASK]["hand_ms"] == before[TASK]["hand_ms"]  # measured once, by the first run
-    if before[TASK]["trials"] >= 4:  # the first run finished this task before the kill
-        assert TASK not in result.tuned
-    records = [json.loads(line) for line in (db / "database_tuning_record.json").read_text().splitlines()]
-    assert len(records) >= before[TASK]["trials"]
+    # batches of 2: the rerun tunes the first task again only if the kill left it short
+    assert (TASK in result.tuned) == (before[TASK]["trials"] < 4)
+    assert after[TASK]["trials"] - before[TASK]["trials"] <= max(0, 4 - before[TASK]["trials"]) + 1
+    kept = [json.loads(line) for line in (db / "database_tuning_record.json").read_text().splitlines()]
+    assert len(kept) >= len(records.splitlines())
 
 
 def test_tune_refuses_bad_arguments(tmp_path):
