@@ -71,7 +71,7 @@ class TuneResult:
 
 
 def _ms(v) -> str:
-    return f"{v:8.3f} ms" if v is not None else "       - ms"
+    return f"{v:9.4f} ms" if v is not None else "        - ms"
 
 
 def parse_tracker(text: str, flag: str = "rpc_tracker") -> tuple[str, int]:
@@ -86,16 +86,15 @@ def parse_tracker(text: str, flag: str = "rpc_tracker") -> tuple[str, int]:
 # the tasks
 
 
-def model_info(model) -> tuple:
-    """(torch module with random weights, {"name", "stages", "width"}) for a registry name or a
-    module: kernels depend on shapes, not on weights."""
+def model_info(model) -> dict:
+    """{"name", "stages", "width"} of a registry name or a torch module: what a database is for."""
     if isinstance(model, str):
-        from edgeflow.models import create, spec
+        from edgeflow.models import spec
 
         s = spec(model)
-        return create(model, weights=None), {"name": s.name, "stages": s.stages, "width": s.width}
-    return model, {"name": type(model).__name__, "stages": getattr(model, "stages", None),
-                   "width": getattr(model, "width", None)}
+        return {"name": s.name, "stages": s.stages, "width": s.width}
+    return {"name": type(model).__name__, "stages": getattr(model, "stages", None),
+            "width": getattr(model, "width", None)}
 
 
 def tuning_target(board, cores: int | None = None):
@@ -292,21 +291,10 @@ def open_database(db, *, model, target: str, input_size, precision: str = "fp32"
     if meta is None:
         raise InputError(f"tuning_db={str(db)!r}: not a tuning database (no {META}; create one with `edgeflow tune`)")
     board = targets.get(target)
-    info = model if isinstance(model, dict) else model_info_light(model)
+    info = model if isinstance(model, dict) else model_info(model)
     check_meta(meta, db, model=info, target=board.tvm_target_json(), target_name=board.name,
                input_size=input_size, precision=precision)
     return TuningDatabase(db, meta)
-
-
-def model_info_light(model) -> dict:
-    """{"name", "stages", "width"} of a registry name or module without building it."""
-    if isinstance(model, str):
-        from edgeflow.models import spec
-
-        s = spec(model)
-        return {"name": s.name, "stages": s.stages, "width": s.width}
-    return {"name": type(model).__name__, "stages": getattr(model, "stages", None),
-            "width": getattr(model, "width", None)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,13 +352,25 @@ def warm_builder(max_workers: int | None = None, timeout_sec: float = BUILD_TIME
     return WarmBuilder()
 
 
-def _runner(rpc_tracker: str | None, rpc_key: str | None, number: int = 3, repeat: int = 3):
-    """(runner, description): a local runner, or an RPCRunner over the tracker's devices."""
+def _set_threads(threads: int) -> None:
+    """Runner worker initializer: TVM's pool there gets `threads` threads (it reads the variable
+    when the pool starts; left alone it takes half the logical CPUs, one on a 2-core machine)."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+
+
+def _runner(rpc_tracker: str | None, rpc_key: str | None, threads: int, number: int = 3, repeat: int = 3):
+    """(runner, description): a local runner whose kernels run on `threads` threads (the
+    target's cores, as the Engine runs them), or an RPCRunner over the tracker's devices (their
+    thread pools are theirs: TVM_NUM_THREADS where rpc_server starts)."""
+    import functools
+
     from tvm.s_tir import meta_schedule as ms
 
     evaluator = ms.runner.EvaluatorConfig(number=number, repeat=repeat, min_repeat_ms=0, enable_cpu_cache_flush=False)
     if rpc_tracker is None:
-        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator), "local"
+        return (ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator,
+                                      initializer=functools.partial(_set_threads, threads)),
+                f"local, {threads} threads")
     host, port = parse_tracker(rpc_tracker)
     devices = free_devices(host, port, rpc_key)
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=rpc_key, session_timeout_sec=120)
@@ -440,7 +440,7 @@ def tune(model="flownet2-s", *, target: str, input_size=(384, 512), db, trials: 
     if rpc_tracker is not None:  # before minutes of work
         free_devices(*parse_tracker(rpc_tracker), rpc_key)
     db = Path(db)
-    torch_model, info = model_info(model)
+    info = model_info(model)
     tvm_target = tuning_target(board, cores)
     target_spec = dict(board.tvm_target_json(), **({"num-cores": int(cores)} if cores is not None else {}))
     meta = read_meta(db) if db.is_dir() else None
@@ -453,13 +453,13 @@ def tune(model="flownet2-s", *, target: str, input_size=(384, 512), db, trials: 
     lock = _lock(db)
     try:
         _repair(db)
-        return _tune_locked(db, meta, info, board, tvm_target, target_spec, torch_model, input_size, precision, tasks,
+        return _tune_locked(db, meta, info, board, tvm_target, target_spec, model, input_size, precision, tasks,
                             trials, rpc_tracker, rpc_key, say)
     finally:
         os.close(lock)
 
 
-def _tune_locked(db, meta, info, board, tvm_target, target_spec, torch_model, input_size, precision, tasks, trials,
+def _tune_locked(db, meta, info, board, tvm_target, target_spec, model, input_size, precision, tasks, trials,
                  rpc_tracker, rpc_key, say) -> TuneResult:
     import time
 
@@ -470,9 +470,13 @@ def _tune_locked(db, meta, info, board, tvm_target, target_spec, torch_model, in
                     "tasks": {}}
 
     say(f"tasks    {info['name']} at {input_size[0]}x{input_size[1]} for {board.name} ({tasks})")
-    mod = fused_module(torch_model, input_size, board, precision)
+    if isinstance(model, str):  # kernels depend on shapes, not on weights
+        from edgeflow.models import create
+
+        model = create(model, weights=None)
+    mod = fused_module(model, input_size, board, precision)
     chosen = select_tasks(mod, tvm_target, tasks)
-    runner, runner_text = _runner(rpc_tracker, rpc_key)
+    runner, runner_text = _runner(rpc_tracker, rpc_key, int(tvm_target.attrs["num-cores"]))
     meta["runner"] = runner_text
     for name, func in chosen.items():
         key = workload(func)
