@@ -221,8 +221,14 @@ def test_tuning_resumes_after_a_kill(tmp_path):
     assert "task 1/2" in (db / "tune.log").read_text()
     records = (db / "database_tuning_record.json").read_text()
     (db / "database_tuning_record.json").write_text(records + records.splitlines()[-1][:20])  # a cut-off line
-    result = tune("flownet2-s", target="host", input_size=SIZE, db=db, trials=4,
-                  tasks=f"{TASK},conv2d_transpose3")
+    from edgeflow.errors import EdgeflowError
+
+    try:
+        result = tune("flownet2-s", target="host", input_size=SIZE, db=db, trials=4,
+                      tasks=f"{TASK},conv2d_transpose3")
+    except EdgeflowError as e:  # say what the killed run left behind
+        pytest.fail(f"{type(e).__name__}: {e}; db holds {sorted(p.name for p in db.iterdir())}; tune.log ends "
+                    f"{(db / 'tune.log').read_text()[-600:]!r}")
     after = result.meta["tasks"]
     assert after[TASK]["trials"] >= 4 and after["conv2d_transpose3"]["trials"] >= 4
     assert after[TASK]["hand_ms"] == before[TASK]["hand_ms"]  # measured once, by the first run
