@@ -44,8 +44,9 @@ class CompileResult:
         """One line: path, model, target, precision, accuracy and signer."""
         m = self.manifest
         signed = f", signed by key {self.signer}" if self.signer else ", unsigned"
+        tuned = f", {m['tuning']['applied']} tuned kernels" if m.get("tuning") else ""
         return (f"{self.path}: {m['model']['name']} for {m['target']['name']}, {m['precision']}, "
-                f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{signed}")
+                f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{tuned}{signed}")
 
 
 def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024), precision: str = "fp32",

@@ -275,8 +275,13 @@ class TuningDatabase:
         return out
 
     def manifest_entry(self) -> dict:
-        """The package manifest's `tuning`: the database's target and the records applied."""
+        """The package manifest's `tuning`: the database's target, the sha256 of its records file
+        as read, and per function the workload hash and the tuned and hand ms applied."""
+        import hashlib
+
+        records = self.path / "database_tuning_record.json"
         return {"database": self.path.name, "db_target": self.meta["target"], "tuned_with": self.meta.get("runner"),
+                "records_sha256": hashlib.sha256(records.read_bytes()).hexdigest() if records.is_file() else None,
                 "workloads": sorted(self.used, key=lambda u: u["function"]), "applied": len(self.used),
                 "tasks_in_database": len(self.meta.get("tasks", {}))}
 

@@ -7,6 +7,7 @@ process group on free ports, stopped at the end. Tasks are the smallest kernels 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -133,7 +134,8 @@ def test_compile_applies_the_records_that_beat_the_hand_schedule(rpc_db, tmp_pat
     pkg = compile("flownet2-s", target="host", input_size=SIZE, weights="random", out=tmp_path / "b.tar",
                   tuning_db=fast_db)
     tuning = read_package(pkg.path).manifest["tuning"]
-    assert tuning["applied"] == 1 and tuning["db_target"]["name"] == "host"
+    assert tuning["applied"] == 1 and tuning["db_target"]["name"] == "host" and "1 tuned kernels" in pkg.summary()
+    assert tuning["records_sha256"] == hashlib.sha256((db / "database_tuning_record.json").read_bytes()).hexdigest()
     used = tuning["workloads"][0]
     assert used["task"] == TASK and used["workload"] == task["workload"] and used["tuned_ms"] < used["hand_ms"]
     assert pkg.manifest["accuracy"]["epe_vs_torch"] <= 0.01
