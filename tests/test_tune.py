@@ -215,6 +215,10 @@ def test_tuning_resumes_after_a_kill(tmp_path):
 
     try:
         _wait_for("the first measured batch", first_batch, timeout=600)
+        from edgeflow.errors import InputError
+
+        with pytest.raises(InputError, match=f"another edgeflow tune \\(pid {pid}\\) is tuning it"):
+            tune("flownet2-s", target="host", input_size=SIZE, db=db, trials=4, tasks=TASK)
     finally:
         os.killpg(pid, signal.SIGKILL)
     _wait_for("the killed tuner to exit", lambda: not Path(f"/proc/{pid}").exists() or
