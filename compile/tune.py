@@ -240,6 +240,7 @@ class TuningDatabase:
     path: Path
     meta: dict
     used: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)  # tuned schedules that computed something else
 
     def apply(self, mod, target):
         """`mod` with each PrimFunc whose workload has a record measured faster than its hand
@@ -249,7 +250,7 @@ class TuningDatabase:
         db = _json_database(self.path)
         by_hash = {t["workload"]: (name, t) for name, t in self.meta.get("tasks", {}).items()}
         out = mod
-        self.used = []
+        self.used, self.rejected = [], []
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled")):
                 continue
@@ -261,6 +262,11 @@ class TuningDatabase:
                 continue
             sch = db.query_schedule(key, target, "main")
             if sch is None:
+                continue
+            error = verify(key, sch.mod, target)
+            if not error <= VERIFY_TOLERANCE:  # NaN too: it read outside its inputs or left outputs unwritten
+                self.rejected.append({"function": gv.name_hint, "task": name, "workload": h,
+                                      "max_error": None if error != error else float(f"{error:.3g}")})
                 continue
             tuned = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             if func.attrs is not None and "global_symbol" in func.attrs:
@@ -283,7 +289,51 @@ class TuningDatabase:
         return {"database": self.path.name, "db_target": self.meta["target"], "tuned_with": self.meta.get("runner"),
                 "records_sha256": hashlib.sha256(records.read_bytes()).hexdigest() if records.is_file() else None,
                 "workloads": sorted(self.used, key=lambda u: u["function"]), "applied": len(self.used),
+                "rejected": sorted(self.rejected, key=lambda u: u["function"]),
                 "tasks_in_database": len(self.meta.get("tasks", {}))}
+
+
+def verify(key, tuned, target, seed: int = 0) -> float:
+    """Largest difference between the tuned module `tuned` and the hand schedule of the workload
+    `key` on random inputs, relative to the largest hand output (NaN when the tuned one reads
+    outside its inputs or leaves outputs unwritten). MetaSchedule times candidates, it does not
+    check them: a schedule that reads past its input measures fine and computes garbage."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from edgeflow.compile import cpu_schedules
+
+    rng = np.random.default_rng(seed)
+    infos = ArgInfo.from_prim_func(key["main"])
+    shapes = [([int(d) for d in a.shape], str(a.dtype)) for a in infos]
+    inputs = [rng.standard_normal(shape).astype(dtype) for shape, dtype in shapes[:-1]]
+    outs = []
+    for m in (cpu_schedules.schedule(key, target), tuned):
+        lib = tvm.compile(m, target=target)
+        keep, args = zip(*[_guarded(x) for x in inputs + [np.full(*shapes[-1][:1], np.nan, shapes[-1][1])]])
+        lib["main"](*args)
+        outs.append(np.array(args[-1].numpy()))
+        del keep
+    want, got = outs
+    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+
+
+VERIFY_TOLERANCE = 1e-4
+_GUARD = 4096  # elements of NaN on each side of a verification buffer
+
+
+def _guarded(x):
+    """(owner, TVM tensor) of `x`'s values placed, 64-byte aligned, inside a NaN-filled buffer:
+    reads past the tensor's ends return NaN instead of whatever the heap holds."""
+    import numpy as np
+    import tvm
+
+    raw = np.full(x.size + 2 * _GUARD + 16, np.nan, x.dtype)
+    start = _GUARD + (-(raw.ctypes.data // raw.itemsize + _GUARD)) % (64 // raw.itemsize)
+    view = raw[start:start + x.size].reshape(x.shape)
+    view[...] = x
+    return raw, tvm.runtime.from_dlpack(view)
 
 
 def open_database(db, *, model, target: str, input_size, precision: str = "fp32") -> TuningDatabase:
