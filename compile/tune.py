@@ -8,8 +8,8 @@ Tasks are the PrimFuncs of the module exactly as `lower.build` schedules it (`lo
 convolution computes, Relax's fusion, the hand-scheduled correlation and warp already marked
 scheduled). `tasks="auto"` tunes the convolutions whose register tile in `cpu_schedules.Conv`
 fills less than half of the accumulator registers: the flow predictors and flow upsamplers (2
-output channels: 2-8 of 28 accumulators, so loads outnumber FMAs). Every other convolution gets
-a full tile (24 of 28) and the rest of the PrimFuncs are memory-bound copies (concatenate,
+output channels: 2-8 of 28 accumulators, so each tap's 2 broadcasts and 1-4 vector loads feed
+only 2-8 FMAs). Every other convolution gets a full tile (24 of 28) and the rest of the PrimFuncs are memory-bound copies (concatenate,
 resize, mean), so the hand schedules keep them. `tasks="all"` tunes every unscheduled PrimFunc;
 a comma-separated list of PrimFunc names tunes those.
 
