@@ -58,14 +58,16 @@ class CompileResult:
         v = m["accuracy"].get("validation")
         gt = (f", EPE vs ground truth {v['before']:.4f} -> {v['after']:.4f} px ({_share(v['increase'])})"
               if v else "")
+        tuned = f", {m['tuning']['applied']} tuned kernels" if m.get("tuning") else ""
         return (f"{self.path}: {m['model']['name']} for {m['target']['name']}, {m['precision']}, "
-                f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{gt}{signed}")
+                f"EPE vs torch {m['accuracy']['epe_vs_torch']:.4f} px{gt}{tuned}{signed}")
 
 
 def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024), precision: str = "fp32",
             prune: float = 0.0, calibration=None, out=None, weights="default", force: bool = False,
-            sign: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
-            max_epe_increase: float = MAX_EPE_INCREASE, quantization: dict | None = None) -> CompileResult:
+            sign: str | os.PathLike | None = None, tuning_db: str | os.PathLike | None = None,
+            progress: Callable[[str], None] | None = None, max_epe_increase: float = MAX_EPE_INCREASE,
+            quantization: dict | None = None) -> CompileResult:
     """Compile `model` (registry name or torch module) for `target` into the package `out`.
 
     input_size: (H, W), multiples of 64. precision: "fp32", "fp16" or "int8"
@@ -80,7 +82,10 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     pairs: growing by more than `max_epe_increase` (relative), AccuracyError and nothing written,
     unless `force`. quantization: more keyword arguments of `quantize` (method, percentile,
     calibration_pairs, size, keep, ...). sign: the path of an Ed25519 private key (`edgeflow
-    keygen`) that signs the package. Returns a CompileResult.
+    keygen`) that signs the package. tuning_db: a database directory written by
+    `edgeflow.compile.tune.tune` for this model, size, precision and target (InputError
+    otherwise); its schedules replace the hand ones where they measured faster, and the
+    manifest's `tuning` lists them. Returns a CompileResult.
     """
     import time
 
@@ -122,6 +127,11 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
                                      **(quantization or {}))
     h, w = input_size
     name = model_info["name"]
+    tuning = None
+    if tuning_db is not None:
+        from edgeflow.compile.tune import open_database
+
+        tuning = open_database(tuning_db, model=model_info, target=board.name, input_size=(h, w), precision=precision)
     out = Path(out or f"{name}-{board.name}-{precision}-{h}x{w}.tar")
 
     t0 = time.time()
@@ -131,7 +141,7 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
         say(f"lower    for {board.name} ({board.kind}{' ' + board.cuda_arch if board.is_cuda else ''}, {precision})")
         mod, params, param_names = lower.prepare(relax_model.mod, relax_model.params, relax_model.param_names,
                                                  precision, cuda=board.is_cuda)
-        ex, device_code = lower.build(mod, board)
+        ex, device_code = lower.build(mod, board, tuning)
         say("verify   EPE against the torch model on generated pairs")
         run = _host_runner(mod, params, board, ex)
         epe = _measure_epe(torch_model, run, (h, w))
@@ -179,7 +189,8 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
                               versions=_versions(), param_names=param_names, accuracy=accuracy,
                               kernels=device_code.kernels if device_code else [],
                               compile_seconds=time.time() - t0, pruning=manifest_entry(compressed),
-                              quantization=quantization, cost=model_cost)
+                              quantization=quantization, cost=model_cost,
+                              tuning=tuning.manifest_entry() if tuning is not None else None)
     manifest = write_package(out, manifest, files, signing_key=signing_key)
     return CompileResult(out, manifest, signer)
 

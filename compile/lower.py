@@ -156,16 +156,17 @@ def _lifted_names(func, names: list[str]) -> list[str]:
     return result
 
 
-def build(mod, board):
-    """Lower the prepared `mod` for `board`; returns (executable, DeviceCode or None). Safe to
-    call from several threads: the builds take turns."""
+def build(mod, board, tuning=None):
+    """Lower the prepared `mod` for `board`; returns (executable, DeviceCode or None). tuning: a
+    `tune.TuningDatabase` whose faster schedules replace the hand ones (it records which). Safe
+    to call from several threads: the builds take turns."""
     with TVM_LOCK:
-        return _build(mod, board)
+        return _build(mod, board, tuning)
 
 
-def _build(mod, board):
-    import tvm
-    import tvm.s_tir.dlight as dl
+def fused(mod, board):
+    """The prepared `mod` as the schedules see it: our CPU convolution computes, Relax's "zero"
+    pipeline (legalize, fuse), the hand-scheduled custom ops. `tune` extracts its tasks here."""
     from tvm import relax
 
     target = board.tvm_target()
@@ -175,13 +176,26 @@ def _build(mod, board):
 
             mod = cpu_schedules.legalize(mod)  # convolutions as computes shaped for its schedules
         mod = relax.get_pipeline("zero")(mod)
-        mod = _apply_hand_schedules(mod, target, board)
+        return _apply_hand_schedules(mod, target, board)
+
+
+def _build(mod, board, tuning=None):
+    import tvm
+    import tvm.s_tir.dlight as dl
+
+    target = board.tvm_target()
+    mod = fused(mod, board)
+    with target:
+        if tuning is not None:
+            mod = tuning.apply(mod, target)
         if board.is_cuda:
             from edgeflow.compile.cuda_convs import NarrowConv, TensorCoreConv
 
             mod = dl.ApplyDefaultSchedule(TensorCoreConv(), NarrowConv(), dl.gpu.Matmul(), dl.gpu.GEMV(),
                                           dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         else:
+            from edgeflow.compile import cpu_schedules
+
             mod = cpu_schedules.schedule(mod)
     if not board.is_cuda:
         return tvm.compile(mod, target=target), None

@@ -266,3 +266,94 @@ def _import(module: str, package: str):
         return importlib.import_module(module)
     except ImportError:
         raise MissingDependency(f"bench needs {package}; install it with `pip install 'edgeflow[compile]'`") from None
+
+
+def bench_remote(package: str | os.PathLike, *, rpc_tracker: str, rpc_key: str, runs: int = 10, warmup: int = 2,
+                 session_timeout: float = 600, progress=None) -> dict:
+    """Median network ms of a CPU package on a device registered with a TVM RPC tracker.
+
+    The package's library is uploaded to a device the tracker hands out for `rpc_key`, loaded
+    there into a Relax VM with the package's parameters, and its first output is checked against
+    the torch model rebuilt from the package (here) before `runs` timed calls (TVM's
+    time_evaluator on the device, after `warmup` untimed ones). The device runs with its own
+    TVM thread pool (`TVM_NUM_THREADS` where its rpc_server starts). Returns {"ms": {"edgeflow"},
+    "stats", "device", "epe_vs_torch", ...}. InputError when the tracker or key is not there,
+    PackageError for a CUDA package or one the device cannot load.
+    """
+    import numpy as np
+
+    from edgeflow.compile.tune import parse_tracker
+    from edgeflow.runtime.format import read_package
+    from edgeflow.runtime.preprocess import to_input
+    from edgeflow.synth import generate_pair
+
+    if runs < 1:
+        raise InputError(f"runs={runs}: expected at least 1")
+    if warmup < 0:
+        raise InputError(f"warmup={warmup}: expected 0 or more")
+    host, port = parse_tracker(rpc_tracker)
+    say = progress or (lambda msg: None)
+    pkg = read_package(package, check_target=False)
+    manifest, directory = pkg.manifest, Path(pkg.directory)
+    target = manifest["target"]
+    if target.get("kind") != "cpu":
+        raise PackageError(f"{package}: remote bench runs CPU packages; this one targets {target.get('name')} "
+                           f"({target.get('kind')}): run `edgeflow bench` on the device itself")
+    h, w = int(manifest["input"]["height"]), int(manifest["input"]["width"])
+    import tvm
+    from tvm import relax, rpc
+
+    from edgeflow.compile.tune import free_devices
+
+    free_devices(host, port, rpc_key)
+    say(f"connect  tracker {host}:{port}, key {rpc_key}")
+    try:
+        remote = rpc.connect_tracker(host, port).request(rpc_key, priority=1, session_timeout=session_timeout)
+    except Exception as e:  # noqa: BLE001 - socket and TVM errors alike: one line
+        raise InputError(f"rpc_key={rpc_key!r}: no session from the tracker {host}:{port} "
+                         f"({' '.join(str(e).split())[:200]})") from None
+    say("upload   lib/model.so and the parameters")
+    try:
+        remote.upload(str(directory / "lib" / "model.so"), "model.so")
+        lib = remote.load_module("model.so")
+    except Exception as e:  # noqa: BLE001
+        raise PackageError(f"{package}: the device could not load lib/model.so (built for "
+                           f"{target.get('host_triple') or target.get('machine')}): {' '.join(str(e).split())[:200]}") \
+            from None
+    dev = remote.cpu()
+    vm = relax.VirtualMachine(lib, dev)
+    with np.load(directory / "params.npz", allow_pickle=False) as npz:
+        params = [tvm.runtime.tensor(np.ascontiguousarray(npz[n]), dev) for n in manifest["params"]["order"]]
+    img1, img2, _ = generate_pair(np.random.default_rng(0), (h, w))
+    x1, x2 = to_input(img1), to_input(img2)
+    vm.set_input("main", tvm.runtime.tensor(x1, dev), tvm.runtime.tensor(x2, dev), *params)
+
+    say("check    the device's first call against torch")
+    vm.invoke_stateful("main")
+    out = vm.get_outputs("main")
+    got = np.asarray((out[0] if not hasattr(out, "numpy") else out).numpy(), np.float32)
+    torch = _import("torch", "torch")
+    model = model_from_package(manifest, directory)
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x1), torch.from_numpy(x2))[0].numpy()
+    epe = {"edgeflow": epe_chw(got[0] if got.ndim == 4 else got, want)}
+    _check_same_network(manifest, epe)
+
+    say(f"time     {runs} calls on the device")
+    timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=runs + warmup, min_repeat_ms=0)
+    secs = list(timer("main").results)[warmup:]
+    ms = 1e3 * statistics.median(secs)
+    return {
+        "ms": {"edgeflow": round(ms, 3)},
+        "model": manifest["model"].get("name"),
+        "package": str(package),
+        "target": target.get("name"),
+        "device": f"rpc key {rpc_key} at {host}:{port}",
+        "precision": manifest.get("precision"),
+        "input_size": [h, w],
+        "runs": runs,
+        "warmup": warmup,
+        "stats": {"edgeflow": {"min_ms": round(1e3 * min(secs), 3), "median_ms": round(ms, 3),
+                               "max_ms": round(1e3 * max(secs), 3)}},
+        "epe_vs_torch": {k: round(v, 6) for k, v in epe.items()},
+    }

@@ -67,13 +67,16 @@ class VerifiedPackage:
 
 def build_manifest(*, model: dict, input_size: tuple[int, int], precision: str, board, versions: dict,
                    param_names: list[str], accuracy: dict, kernels: list, compile_seconds: float,
-                   pruning: dict | None = None, quantization: dict | None = None, cost: dict | None = None) -> dict:
+                   pruning: dict | None = None, quantization: dict | None = None, cost: dict | None = None,
+                   tuning: dict | None = None) -> dict:
     """The manifest of a package (without `files` and `format_version`, which `write_package` adds).
 
     model: {"name", "stages", "width", "weights", "weights_sha256"}; input_size: (H, W) pixels;
     board: an `edgeflow.targets.Board`; accuracy: {"epe_vs_torch" (px), "frames", "tolerance" (px),
     "measured_on", "measured_with"}; kernels: per CUDA kernel resources (empty for CPU targets);
-    pruning: {"ratio": 0.0} or the pruning report; cost: {"parameters", "macs", "input_size"}.
+    pruning: {"ratio": 0.0} or the pruning report; cost: {"parameters", "macs", "input_size"};
+    tuning: None (hand schedules only) or the tuning records applied (`TuningDatabase.manifest_entry`:
+    database target, per function the workload hash and tuned/hand ms).
     """
     h, w = input_size
     return {
@@ -92,6 +95,7 @@ def build_manifest(*, model: dict, input_size: tuple[int, int], precision: str, 
         "accuracy": accuracy,
         "kernels": kernels,
         "compile_seconds": round(compile_seconds, 1),
+        "tuning": tuning,
     }
 
 

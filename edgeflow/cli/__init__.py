@@ -16,8 +16,8 @@ import traceback
 import typer
 
 # Each module defines `register(app)`; the order is the order of `edgeflow --help`.
-COMMANDS = ["models", "targets", "synth", "train", "import_weights", "prune", "adapt", "keygen", "compile", "eval", "run",
-            "serve", "check", "inspect", "bench"]
+COMMANDS = ["models", "targets", "synth", "train", "import_weights", "prune", "adapt", "keygen", "compile", "tune",
+            "eval", "run", "serve", "check", "inspect", "bench"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Dense optical flow on the edge: FlowNet2 compiled with TVM for Jetson and CPUs.")

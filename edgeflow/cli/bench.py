@@ -16,6 +16,9 @@ def bench_cmd(
     runs: int = typer.Option(10, "--runs", help="Timed rounds; the medians are reported."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed rounds first (the first is checked against torch)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    rpc_tracker: str = typer.Option(None, "--rpc-tracker", metavar="HOST:PORT",
+                                    help="Run on a device registered with this TVM RPC tracker (no peers)."),
+    rpc_key: str = typer.Option(None, "--rpc-key", help="The key the device registered with (rpc_server --key)."),
 ) -> None:
     """Network time of PACKAGE against ONNX Runtime and PyTorch on the same network, input size and threads."""
     import json
@@ -24,6 +27,9 @@ def bench_cmd(
     from edgeflow.benchmark import bench
 
     t0 = time.time()
+    if rpc_tracker is not None or rpc_key is not None:
+        _remote(package, rpc_tracker, rpc_key, runs, warmup, json_out, t0)
+        return
     r = bench(package, vs=vs, threads=threads, runs=runs, warmup=warmup,
               progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
     if r["threads"]["edgeflow"] != r["threads"]["requested"]:
@@ -45,3 +51,26 @@ def bench_cmd(
     typer.echo(f"edgeflow end to end {r['edgeflow_end_to_end_ms']:.1f} ms (prepare {st['prepare']:.1f} + network "
                f"{st['network']:.1f} + finish {st['finish']:.1f}); EPE vs torch: "
                + ", ".join(f"{k} {v:.2g} px" for k, v in r["epe_vs_torch"].items()))
+
+
+def _remote(package, rpc_tracker, rpc_key, runs, warmup, json_out, t0) -> None:
+    import json
+    import time
+
+    from edgeflow.benchmark import bench_remote
+    from edgeflow.compile.tune import parse_tracker
+    from edgeflow.errors import InputError
+
+    if rpc_tracker is None or rpc_key is None:
+        raise InputError("--rpc-tracker and --rpc-key go together")
+    parse_tracker(rpc_tracker, "--rpc-tracker")
+    r = bench_remote(package, rpc_tracker=rpc_tracker, rpc_key=rpc_key, runs=runs, warmup=warmup,
+                     progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
+    if json_out:
+        typer.echo(json.dumps(r, indent=1))
+        return
+    h, w = r["input_size"]
+    s = r["stats"]["edgeflow"]
+    typer.echo(f"{r['model']} {h}x{w} {r['precision']} on {r['device']}, median of {r['runs']} runs: "
+               f"{s['median_ms']:.1f} ms (min {s['min_ms']:.1f}, max {s['max_ms']:.1f}); EPE vs torch "
+               f"{r['epe_vs_torch']['edgeflow']:.2g} px")

@@ -30,6 +30,8 @@ def compile_cmd(
                                            "--max-epe-increase."),
     sign: Path = typer.Option(None, "--sign", metavar="KEY",
                               help="Sign the package with this Ed25519 private key (`edgeflow keygen`)."),
+    tuning_db: str = typer.Option(None, "--tuning-db", metavar="DIR",
+                                  help="Apply this `edgeflow tune` database where it beats the hand schedules."),
 ) -> None:
     """Compile MODEL for TARGET into a self-describing package (.tar)."""
     import time
@@ -43,7 +45,7 @@ def compile_cmd(
         typer.echo(f"warning: compiling {model} with random (untrained) weights", err=True)
     t0 = time.time()
     result = compile(model, target=target, input_size=parse_size(size), precision=precision, prune=prune,
-                     calibration=calib, out=out, weights=weights, force=force, sign=sign,
+                     calibration=calib, out=out, weights=weights, force=force, sign=sign, tuning_db=tuning_db,
                      max_epe_increase=max_epe_increase,
                      progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
     typer.echo(result.summary())
