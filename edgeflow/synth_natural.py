@@ -114,7 +114,7 @@ def _source(rng: np.random.Generator) -> np.ndarray:
 
 
 def _crop(rng: np.random.Generator, img: np.ndarray, h: int, w: int, zoom: tuple[float, float]) -> np.ndarray:
-    """h x w crop of `img`, rotated by a small angle (large for non-photos) and zoomed."""
+    """h x w crop of `img`, zoomed and turned by a small angle (by any angle one time in five)."""
     z = float(np.exp(rng.uniform(*np.log(zoom))))
     a = rng.normal(0, 0.15) if rng.random() < 0.8 else rng.uniform(0, 2 * np.pi)
     c, s = math.cos(a) * z, math.sin(a) * z
