@@ -109,6 +109,21 @@ def _deconv_as_phases(bb, call):
     return op.reshape(op.stack(rows, axis=3), [n, co, oh, ow])  # [N, OC, qh, sh, qw, sw]
 
 
+def _rewrite_functions(mod, mutator_class):
+    """`mod` with every Relax function rewritten by a fresh `mutator_class(module so far)`, unused
+    bindings removed."""
+    from tvm import relax
+
+    out = mod
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator = mutator_class(out)
+            new_func = mutator.visit_expr(func)
+            out = mutator.builder_.get()
+            out[gv] = relax.analysis.remove_all_unused(new_func)
+    return out
+
+
 def split_deconvolutions(mod):
     """`mod` with every splittable `conv2d_transpose` of its Relax functions replaced by a
     phase convolution and an interleave (see the module docstring); the rest untouched."""
@@ -127,14 +142,7 @@ def split_deconvolutions(mod):
                     return new
             return call
 
-    out = mod
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator = Split(out)
-            new_func = mutator.visit_expr(func)
-            out = mutator.builder_.get()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
-    return out
+    return _rewrite_functions(mod, Split)
 
 
 def cast_before_concat(mod):
@@ -163,13 +171,7 @@ def cast_before_concat(mod):
             fields = [self.builder_.emit(relax.op.astype(x, "float16")) for x in cat.args[0].fields]
             return relax.op.concat(fields, axis=int(cat.attrs.axis))
 
-    out = mod
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator = Hoist(out)
-            new_func = mutator.visit_expr(func)
-            out = mutator.builder_.get()
-            out[gv] = relax.analysis.remove_all_unused(new_func)
+    out = _rewrite_functions(mod, Hoist)
     return relax.transform.CanonicalizeBindings()(relax.transform.EliminateCommonSubexpr()(out))
 
 
