@@ -26,9 +26,21 @@ $(addprefix cuda-,$(CUDA_RELEASES)): cuda-%:
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/$* $(call CUDA_PINS,$*)
 
 # cuobjdump + nvdisasm, to read what the cubins execute (`edgeflow inspect`: tensor cores, dp4a).
+# CUDA 13's (PyPI) read sm_75 and newer only; for Xavier's sm_72, the CUDA 11.8/12 ones of
+# Debian's non-free `nvidia-cuda-toolkit` .deb: fetched alone and unpacked into the venv (no
+# root, nothing installed, no dependencies); where that fails, sm_72 SASS stays unread (unknown).
 sass-tools:
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda/tools \
 	  nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37
+	@set -e; . /etc/os-release; d=$$(mktemp -d); trap 'rm -rf '$$d EXIT; \
+	printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s\nComponents: non-free\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+	  "$$VERSION_CODENAME" > $$d/non-free.sources; \
+	mkdir -p $$d/lists/partial $$d/cache/archives/partial; \
+	apt="apt-get -qq -o Dir::Etc::sourcelist=$$d/non-free.sources -o Dir::Etc::sourceparts=- \
+	  -o Dir::State::Lists=$$d/lists -o Dir::Cache=$$d/cache -o Debug::NoLocking=1 -o APT::Sandbox::User=$$(id -un)"; \
+	if $$apt update && (cd $$d && $$apt download nvidia-cuda-toolkit) && dpkg-deb -x $$d/nvidia-cuda-toolkit_*.deb $$d/x; then \
+	  mkdir -p $(VENV)/cuda/sass-legacy/bin && cp $$d/x/usr/bin/cuobjdump $$d/x/usr/bin/nvdisasm $(VENV)/cuda/sass-legacy/bin/; \
+	else echo "sass-tools: Debian's nvidia-cuda-toolkit could not be fetched: sm_72 SASS will not be read" >&2; fi
 
 # The aarch64 cross toolchain for the host part of Jetson packages (Debian's package).
 cross-compiler:

@@ -150,20 +150,3 @@ def with_intrinsics(source: str, tc: Toolchain) -> str:
     if "__dp4a" in source and tc.version.split(".")[0] == "11":
         return "#include <sm_61_intrinsics.hpp>\n" + source
     return source
-
-
-def ptx_instruction_counts(source: str, arch: str, cuda_version: str, names=("dp4a", "mma")) -> dict:
-    """{kernel: {name: count}} of PTX instructions whose opcode starts with one of `names`, in the
-    PTX of `source` for `arch`: what the cubin runs, for archs whose SASS this machine cannot read
-    (CUDA 13's cuobjdump refuses sm_72)."""
-    tc = toolchain(cuda_version)
-    out, counts = {}, None
-    for line in cuda_to_ptx(with_intrinsics(source, tc), arch, tc).splitlines():
-        if m := re.match(r"^\.visible \.entry (\w+)\(", line.strip()):
-            counts = out.setdefault(m.group(1), dict.fromkeys(names, 0))
-        elif counts is not None:
-            op = line.strip().split(" ")[0].split("\t")[0]
-            for n in names:
-                if op.startswith(n + "."):
-                    counts[n] += 1
-    return out

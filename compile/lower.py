@@ -207,15 +207,8 @@ def _build(mod, board, tuning=None):
     code.cubin, resources = compile_cuda(code.source, board.cuda_arch, board.cuda_version)
     code.kernels = kernel_stats.merge(resources, code.stats, mod)
     classes = sass.instruction_classes(code.cubin, board.cuda_arch)
-    ptx = None
-    if classes is None and "__dp4a" in code.source:  # int8 on an arch whose SASS is unreadable here
-        from edgeflow.compile.cuda_toolchain import ptx_instruction_counts
-
-        ptx = ptx_instruction_counts(code.source, board.cuda_arch, board.cuda_version)
     for k in code.kernels:  # what the SASS executes; None where this machine cannot read it
         k["sass"] = None if classes is None else classes.get(k["name"])
-        if ptx is not None:
-            k["ptx"] = ptx.get(k["name"])
     return ex, code
 
 

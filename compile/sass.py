@@ -3,10 +3,10 @@
 `instruction_classes(cubin, arch)` counts, per kernel, the instructions that decide where the
 arithmetic runs: tensor cores (HMMA fp16, IMMA int8), dp4a (IDP.4A), and the scalar/vector FMA
 pipes (FFMA fp32, HFMA2 packed fp16; not HFMA2.MMA, which ptxas uses to move constants). The
-tools are PyPI's `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm`, installed by `make
-sass-tools` into `<venv>/cuda/tools`; the releases there (CUDA 13) read sm_87 but no longer sm_72
-or older, so for those (and where the tools are absent) the counts are None: unknown, never
-assumed.
+tools, installed by `make sass-tools`: PyPI's `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm`
+(CUDA 13, in `<venv>/cuda/tools`) for sm_75 and newer, and for sm_72 and older (which CUDA 13
+refuses) those of Debian's CUDA 11.8 `nvidia-cuda-toolkit` (in `<venv>/cuda/sass-legacy`).
+Where the tools for an arch are absent, the counts are None: unknown, never assumed.
 """
 
 from __future__ import annotations
@@ -19,17 +19,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-TOOLS = Path(os.environ.get("EDGEFLOW_CUDA_ROOT", Path(sys.prefix) / "cuda")) / "tools" / "nvidia" / "cu13" / "bin"
+_ROOT = Path(os.environ.get("EDGEFLOW_CUDA_ROOT", Path(sys.prefix) / "cuda"))
+TOOLS = _ROOT / "tools" / "nvidia" / "cu13" / "bin"  # CUDA 13: sm_75 and newer
+LEGACY_TOOLS = _ROOT / "sass-legacy" / "bin"  # CUDA 11.8: sm_72 and older too
 OLDEST_ARCH = 75  # CUDA 13's nvdisasm refuses sm_72 and older ("deprecated")
 CLASSES = ("tensor_core", "dp4a", "ffma", "hfma2")
 _FUNCTION = re.compile(r"^\s*Function : (\S+)")
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def cuobjdump() -> Path | None:
-    """The cuobjdump to use (with nvdisasm beside it), or None where it is not installed."""
-    tool = TOOLS / "cuobjdump"
-    if tool.is_file() and (TOOLS / "nvdisasm").is_file():
+def cuobjdump(arch: str = "sm_87") -> Path | None:
+    """The cuobjdump that reads `arch` ("sm_72") cubins (with nvdisasm beside it), or None where
+    it is not installed."""
+    tools = TOOLS if int(arch.split("_")[1]) >= OLDEST_ARCH else LEGACY_TOOLS
+    tool = tools / "cuobjdump"
+    if tool.is_file() and (tools / "nvdisasm").is_file():
         return tool
     found = shutil.which("cuobjdump")
     return Path(found) if found and shutil.which("nvdisasm") else None
@@ -38,8 +42,8 @@ def cuobjdump() -> Path | None:
 def instruction_classes(cubin: bytes, arch: str) -> dict[str, dict[str, int]] | None:
     """{kernel name: {class: instruction count}} with the classes of CLASSES, or None when this
     machine cannot disassemble `arch` ("sm_87") cubins."""
-    tool = cuobjdump()
-    if tool is None or int(arch.split("_")[1]) < OLDEST_ARCH:
+    tool = cuobjdump(arch)
+    if tool is None:
         return None
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"

@@ -70,7 +70,7 @@ def kernel_report(kernel: dict, board) -> dict:
          "registers": kernel["registers"], "spill_stores": kernel["spill_stores"], "spill_loads": kernel["spill_loads"],
          "shared_bytes": kernel["shared_bytes"], "stack_bytes": kernel.get("stack_bytes", 0),
          "flops": kernel.get("flops"), "flops_fp16": kernel.get("flops_fp16", 0), "bytes": kernel.get("bytes"),
-         "sass": kernel.get("sass"), "ptx": kernel.get("ptx"), "units": units(kernel.get("sass"), kernel.get("ptx")),
+         "sass": kernel.get("sass"), "units": units(kernel.get("sass")),
          "occupancy": None, "blocks_per_sm": None, "limited_by": None, "roofline_us": None, "bound": None,
          "kind": None, "predicted_us": None}
     if k["threads_per_block"]:
@@ -83,13 +83,11 @@ def kernel_report(kernel: dict, board) -> dict:
     return k
 
 
-def units(sass: dict | None, ptx: dict | None = None) -> str | None:
+def units(sass: dict | None) -> str | None:
     """Where a kernel's arithmetic runs, from the instruction counts of its SASS: "tensor core",
-    "dp4a", "fma" (FFMA/HFMA2 only), "other" (none of those), None (SASS not read). Where only
-    the PTX was read (int8 kernels for sm_72, whose SASS this machine cannot disassemble):
-    "dp4a (PTX)" for kernels with dp4a instructions."""
+    "dp4a", "fma" (FFMA/HFMA2 only), "other" (none of those), None (SASS not read)."""
     if sass is None:
-        return "dp4a (PTX)" if ptx and ptx.get("dp4a") else None
+        return None
     for name, unit in (("tensor_core", "tensor core"), ("dp4a", "dp4a")):
         if sass.get(name):
             return unit

@@ -38,8 +38,18 @@ def test_instruction_classes_of_known_kernels():
     assert got["tc"]["tensor_core"] >= 1  # a 16x16x16 fp16 MMA is HMMA.16816 instructions
     assert got["dot4"]["dp4a"] == 1 and got["dot4"]["tensor_core"] == 0
     assert got["axpy"] == {"tensor_core": 0, "dp4a": 0, "ffma": 1, "hfma2": 0}
-    sm72, _ = compile_cuda(WMMA.split('extern "C" __global__ void dot4')[0], "sm_72", "11.8")
-    assert sass.instruction_classes(sm72, "sm_72") is None  # CUDA 13's tools cannot read sm_72: unknown
+
+
+def test_sm72_cubins_are_read_with_the_legacy_tools():
+    """Xavier's sm_72, which CUDA 13's tools refuse, is read with CUDA 11.8's: WMMA and dp4a."""
+    from edgeflow.compile.cuda_toolchain import compile_cuda
+
+    if sass.cuobjdump("sm_72") is None:
+        pytest.skip("CUDA 11.8 cuobjdump/nvdisasm absent (make sass-tools)")
+    cubin, _ = compile_cuda(WMMA, "sm_72", "11.8")
+    got = sass.instruction_classes(cubin, "sm_72")
+    assert got["tc"]["tensor_core"] >= 1 and got["dot4"]["dp4a"] == 1
+    assert got["axpy"] == {"tensor_core": 0, "dp4a": 0, "ffma": 1, "hfma2": 0}
 
 
 def test_parse_counts_per_function():
