@@ -18,9 +18,12 @@ tower and `conv_redir` (the correlation is a custom op the graph cannot see thro
 
 Distillation then trains the pruned net (all stages) to reproduce the unpruned net's flow
 pyramid (FlowNet's multi-scale EPE, flow2..flow6, against the teacher instead of ground truth) on
-generated pairs (`edgeflow.synth`) or on consecutive frames of the user's own directory
-(`calibration=`), with flips and order swaps. Its EPE against the unpruned net on held-out
-generated pairs is measured right after pruning and after distillation.
+generated pairs (`edgeflow.synth`, FlyingChairs-like or, for a share `natural`, the natural
+style) or on consecutive frames of the user's own directory (`calibration=`), with flips and
+order swaps. On generated pairs the ground truth is known, and `truth` > 0 adds the same loss
+against it (weighted by `truth`), so that the student learns the flow, not only the teacher's
+errors. Its EPE against the unpruned net on held-out generated pairs is measured right after
+pruning and after distillation.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ VALIDATION_PAIRS = 8
 
 def prune(model, ratio: float, *, importance: str = "l1", calibration=None, distill_steps: int = 200,
           batch: int = 4, lr: float = 1e-4, size: tuple[int, int] = DISTILL_SIZE, round_to: int = ROUND_TO,
-          validation_pairs: int = VALIDATION_PAIRS, seed: int = 0,
-          progress: Callable[[str], None] | None = None):
+          natural: float = 0.0, truth: float = 0.0, validation_pairs: int = VALIDATION_PAIRS, seed: int = 0,
+          progress: Callable[[str], None] | None = None, checkpoint: Callable | None = None,
+          checkpoint_s: float = 600.0):
     """A pruned, distilled copy of FlowNet2 `model`; its `.pruning` attribute is the report.
 
     ratio: share of the channels each prunable layer loses, in (0, 1). importance: "l1" or
@@ -53,15 +57,18 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
     (`edgeflow.compile.calibration.read_frames`, checked before anything is computed).
     distill_steps: Adam steps of `batch` pairs at `size` (H, W, multiples of 64), learning rate
     `lr` with a cosine decay; 0 skips distillation. round_to: the channel counts kept are
-    multiples of it (1: any count), which vectorised kernels run faster.
+    multiples of it (1: any count), which vectorised kernels run faster. natural: share of the
+    generated distillation pairs in the natural style (0..1). truth: weight of the loss against
+    the generated pairs' ground truth (0: teacher only; needs generated pairs).
     validation_pairs: held-out generated pairs at `size` on which the EPE (px) against the
     unpruned net is measured. seed: of the distillation pairs. progress: called with one line
-    per stage of the work.
+    per stage of the work. checkpoint: called with the student (its report saying how many
+    steps it has) every `checkpoint_s` seconds of distillation, to save it where a run may be cut.
 
     Report keys: ratio, importance, round_to, stages, kept_whole (layer names), parameters and
     macs {"before", "after"} (MACs of the convolutions for one pair at `size`, see
     `edgeflow.compile.cost`), distillation {steps, batch, lr, size, loss, data, seconds},
-    epe_vs_unpruned {after_pruning, after_distillation, pairs, size, data}.
+    epe_vs_unpruned {after_pruning, after_distillation (None in a checkpoint), pairs, size, data}.
     """
     import copy
 
@@ -70,11 +77,14 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
 
     say = progress or (lambda msg: None)
     _check_args(model, ratio, importance, distill_steps, batch, lr, size, round_to, validation_pairs)
+    if not 0 <= natural <= 1 or truth < 0 or (truth and calibration is not None):
+        raise InputError(f"natural={natural!r}, truth={truth!r}: expected 0 <= natural <= 1 and truth >= 0, "
+                         f"truth only on generated pairs (no calibration frames)")
     frames = read_frames(calibration, size) if calibration is not None else None
     tp = _torch_pruning()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     student = copy.deepcopy(model).eval().requires_grad_(True)
-    pairs = PairSource(frames, size, seed, origin=calibration)
+    pairs = PairSource(frames, size, seed, origin=calibration, natural=natural)
     before = cost(teacher, size)
 
     say(f"prune    {ratio:g} of the channels of every prunable layer by {importance} importance, "
@@ -90,25 +100,36 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
     heldout = _validation_pairs(validation_pairs, size)
     epe_pruned = epe_against(student, teacher, heldout)
     say(f"         EPE against the unpruned net {epe_pruned:.4f} px on {validation_pairs} held-out pairs")
+    loss = "multi-scale EPE (flow2..flow6) against the unpruned net" + (
+        f" + {truth:g} x the same against the ground truth" if truth else "")
+
+    def report(steps: int, seconds: float, epe_distilled: float | None) -> dict:
+        return {
+            "ratio": float(ratio), "importance": importance, "round_to": round_to, "stages": list(student.names),
+            "kept_whole": kept,
+            "parameters": {"before": before["parameters"], "after": after["parameters"]},
+            "macs": {"before": before["macs"], "after": after["macs"], "input_size": list(size)},
+            "distillation": {"steps": steps, "batch": batch, "lr": lr, "size": list(size), "loss": loss,
+                             "data": pairs.description, "seconds": round(seconds, 1)},
+            "epe_vs_unpruned": {"after_pruning": round(epe_pruned, 6),
+                                "after_distillation": None if epe_distilled is None else round(epe_distilled, 6),
+                                "pairs": validation_pairs, "size": list(size),
+                                "data": "held-out generated pairs (edgeflow.training.heldout_set)"},
+        }
+
     t0 = time.time()
+    epe_distilled = epe_pruned
     if distill_steps:
-        distill(student, teacher, pairs, steps=distill_steps, batch=batch, lr=lr, progress=say)
+        def save_point(step: int) -> None:
+            student.pruning = report(step, time.time() - t0, None)
+            checkpoint(student)
+            say(f"         checkpoint after {step} steps")
+
+        distill(student, teacher, pairs, steps=distill_steps, batch=batch, lr=lr, truth=truth, progress=say,
+                checkpoint=save_point if checkpoint else None, checkpoint_s=checkpoint_s)
         epe_distilled = epe_against(student, teacher, heldout)
         say(f"         EPE against the unpruned net {epe_pruned:.4f} -> {epe_distilled:.4f} px after distillation")
-    else:
-        epe_distilled = epe_pruned
-    student.pruning = {
-        "ratio": float(ratio), "importance": importance, "round_to": round_to, "stages": list(student.names),
-        "kept_whole": kept,
-        "parameters": {"before": before["parameters"], "after": after["parameters"]},
-        "macs": {"before": before["macs"], "after": after["macs"], "input_size": list(size)},
-        "distillation": {"steps": distill_steps, "batch": batch, "lr": lr, "size": list(size),
-                         "loss": "multi-scale EPE (flow2..flow6) against the unpruned net",
-                         "data": pairs.description, "seconds": round(time.time() - t0, 1)},
-        "epe_vs_unpruned": {"after_pruning": round(epe_pruned, 6), "after_distillation": round(epe_distilled, 6),
-                            "pairs": validation_pairs, "size": list(size),
-                            "data": "held-out generated pairs (edgeflow.training.heldout_set)"},
-    }
+    student.pruning = report(distill_steps, time.time() - t0, epe_distilled)
     return student.eval()
 
 
@@ -136,31 +157,45 @@ def remove_channels(model, ratio: float, importance: str, round_to: int, tp) -> 
     return kept
 
 
-def distill(student, teacher, pairs, *, steps: int, batch: int, lr: float, progress=None) -> None:
+def distill(student, teacher, pairs, *, steps: int, batch: int, lr: float, truth: float = 0.0, progress=None,
+            checkpoint: Callable[[int], None] | None = None, checkpoint_s: float = 600.0) -> None:
     """Train `student` (all stages) for `steps` Adam steps to reproduce `teacher`'s flow pyramid
-    on `batch` pairs per step from `pairs` (a PairSource); cosine learning-rate decay from `lr`."""
+    on `batch` pairs per step from `pairs` (a PairSource), plus `truth` x the same loss against
+    the pairs' ground truth; cosine learning-rate decay from `lr`. Progress at least every tenth
+    of the run and every two minutes; `checkpoint(steps done)` every `checkpoint_s` seconds."""
     import torch
+
+    from edgeflow.training import multiscale_loss
 
     say = progress or (lambda msg: None)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     every = max(1, steps // 10)
-    running, t0 = 0.0, time.time()
+    running, n, t0 = 0.0, 0, time.time()
+    said = saved = t0
     student.train()
     for step in range(steps):
-        img1, img2 = pairs.batch(batch)
+        img1, img2, flow = pairs.batch(batch)
         with torch.no_grad():
             target = teacher.pyramids(img1, img2)
-        loss = distill_loss(student.pyramids(img1, img2), target)
+        pyramid = student.pyramids(img1, img2)
+        loss = distill_loss(pyramid, target)
+        if truth:
+            loss = loss + truth * multiscale_loss(pyramid, flow)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += loss.item()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            n = (step % every) + 1
-            say(f"distill  step {step + 1}/{steps}  loss {running / n:.4f}  ({(time.time() - t0) / (step + 1):.2f} s/step)")
-            running = 0.0
+        running, n = running + loss.item(), n + 1
+        now = time.time()
+        if (step + 1) % every == 0 or step + 1 == steps or now - said > 120:
+            say(f"distill  step {step + 1}/{steps}  loss {running / n:.4f}  ({(now - t0) / (step + 1):.2f} s/step)")
+            running, n, said = 0.0, 0, now
+        if checkpoint and now - saved > checkpoint_s and step + 1 < steps:
+            student.eval()
+            checkpoint(step + 1)
+            student.train()
+            saved = time.time()
     student.eval()
 
 
@@ -190,35 +225,44 @@ def epe_against(model, reference, pairs) -> float:
 
 
 class PairSource:
-    """Distillation inputs: float RGB [B,3,H,W] x2 in [0,1] at `size`.
+    """Distillation inputs: float RGB [B,3,H,W] x2 in [0,1] at `size`, and their flow [B,2,H,W]
+    in px (None for the user's frames).
 
-    frames None: pairs generated by `edgeflow.synth.generate_pair`. Otherwise a list of uint8
-    HxWx3 BGR frames at `size` (read from `origin`, named in `description`): random consecutive
-    pairs, each flipped (horizontally, vertically) and swapped in order at random. The teacher
-    sees the same pair, so its flow stays the target.
+    frames None: pairs generated by `edgeflow.synth.generate_pair`, a share `natural` of them in
+    the natural style. Otherwise a list of uint8 HxWx3 BGR frames at `size` (read from `origin`,
+    named in `description`): random consecutive pairs, each flipped (horizontally, vertically)
+    and swapped in order at random. The teacher sees the same pair, so its flow stays the target.
     """
 
-    def __init__(self, frames: list | None, size: tuple[int, int], seed: int = 0, origin=None):
+    def __init__(self, frames: list | None, size: tuple[int, int], seed: int = 0, origin=None,
+                 natural: float = 0.0):
         import numpy as np
 
-        self.frames, self.size = frames, tuple(size)
+        self.frames, self.size, self.natural = frames, tuple(size), natural
         self.rng = np.random.default_rng([seed, 0x5EED])
-        self.description = ("generated pairs (edgeflow.synth)" if frames is None else
+        styles = "generated pairs (edgeflow.synth)" if not natural else (
+            f"generated pairs (edgeflow.synth), {natural:.0%} natural style")
+        self.description = (styles if frames is None else
                             f"{len(frames)} calibration frames from {str(origin)!r}, consecutive pairs, flips and swaps")
 
     def batch(self, n: int):
+        import numpy as np
         import torch
 
         from edgeflow.training import to_tensor_pair
 
-        pairs = [to_tensor_pair(*self._pair()) for _ in range(n)]
-        return torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
+        pairs = [self._pair() for _ in range(n)]
+        tensors = [to_tensor_pair(a, b) for a, b, _ in pairs]
+        flow = None if self.frames is not None else torch.from_numpy(
+            np.stack([f.transpose(2, 0, 1) for _, _, f in pairs]))
+        return torch.cat([a for a, _ in tensors]), torch.cat([b for _, b in tensors]), flow
 
     def _pair(self):
         from edgeflow.synth import generate_pair
 
         if self.frames is None:
-            return generate_pair(self.rng, self.size)[:2]
+            style = "natural" if self.rng.random() < self.natural else "chairs"
+            return generate_pair(self.rng, self.size, style=style)
         i = int(self.rng.integers(len(self.frames) - 1))
         a, b = self.frames[i], self.frames[i + 1]
         if self.rng.random() < 0.5:
@@ -227,7 +271,7 @@ class PairSource:
             a, b = a[:, ::-1], b[:, ::-1]
         if self.rng.random() < 0.5:
             a, b = a[::-1], b[::-1]
-        return a, b
+        return a, b, None
 
 
 def manifest_entry(model) -> dict:
@@ -258,7 +302,7 @@ def _flow_energy_gradients(model, pairs, batch: int) -> None:
     final flow (px), summed over pixels, per pair."""
     model.zero_grad(set_to_none=True)
     for _ in range(TAYLOR_BATCHES):
-        img1, img2 = pairs.batch(batch)
+        img1, img2, _ = pairs.batch(batch)
         (0.5 * model(img1, img2).pow(2).sum() / batch).backward()
 
 

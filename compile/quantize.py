@@ -81,7 +81,7 @@ def quantize(model, calibration_frames=None, *, method: str = "percentile", perc
 
     say(f"sensitivity: each layer alone in int8, EPE against the float model on {sensitivity_pairs} pairs")
     sens_pairs = PairSource(None, size, seed + 1)
-    sens_batch = sens_pairs.batch(sensitivity_pairs)
+    sens_batch = sens_pairs.batch(sensitivity_pairs)[:2]
     with torch.no_grad():
         reference = work(*sens_batch)
     sensitivity = {}
@@ -223,7 +223,7 @@ def _calibrate(model, layers: dict, pairs, n_pairs: int, method: str, percentile
         while done < n_pairs:
             b = min(batch, n_pairs - done)
             with torch.no_grad():
-                model(*pairs.batch(b))
+                model(*pairs.batch(b)[:2])
             done += b
             say(f"  calibration pairs {done}/{n_pairs}")
     finally:
