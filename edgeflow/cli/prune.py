@@ -23,6 +23,12 @@ def prune_cmd(
     size: str = typer.Option("256x320", "--size", help="HxW of the distillation and validation pairs, multiples of 64."),
     round_to: int = typer.Option(8, "--round-to", help="Keep channel counts multiples of this (1: any count); "
                                                        "vector kernels run faster on multiples of 8."),
+    natural: float = typer.Option(0.0, "--natural", help="Share of generated distillation pairs in the natural "
+                                                         "style (0..1)."),
+    truth: float = typer.Option(0.0, "--truth", help="Weight of the loss against the generated pairs' ground "
+                                                     "truth (0: distil from the unpruned net only)."),
+    checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes",
+                                             help="Write the student to OUT this often while it distils."),
     seed: int = typer.Option(0, "--seed", help="Seed of the distillation data."),
 ) -> None:
     """Remove whole channels of MODEL by importance, distil it from the unpruned net, write its weights."""
@@ -36,8 +42,9 @@ def prune_cmd(
     t0 = time.time()
     pruned = prune(create(model, weights=None if weights == "random" else weights), ratio, importance=importance,
                    calibration=calib, distill_steps=steps, batch=batch, lr=lr, size=parse_size(size),
-                   round_to=round_to, seed=seed,
-                   progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
+                   round_to=round_to, natural=natural, truth=truth, seed=seed,
+                   progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True),
+                   checkpoint=lambda student: save(student, model, out), checkpoint_s=checkpoint_minutes * 60)
     save(pruned, model, out)
     r = pruned.pruning
     p, m, e = r["parameters"], r["macs"], r["epe_vs_unpruned"]
