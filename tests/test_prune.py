@@ -163,6 +163,27 @@ def test_distillation_brings_the_pruned_net_closer_to_the_teacher():
     assert d["steps"] == 16 and "generated" in d["data"]
 
 
+def test_distillation_on_natural_pairs_with_ground_truth_leaves_checkpoints(tmp_path):
+    """Each checkpoint is a loadable weight file saying how far the distillation got."""
+    steps = []
+
+    def checkpoint(student):
+        save(student, "flownet2-s", tmp_path / "ckpt.pt")
+        steps.append(create("flownet2-s", weights=str(tmp_path / "ckpt.pt")).pruning["distillation"]["steps"])
+
+    pruned = prune(create("flownet2-s"), 0.3, distill_steps=3, natural=0.5, truth=1.0, checkpoint=checkpoint,
+                   checkpoint_s=0, **FAST)
+    assert steps == [1, 2]  # the finished run is the caller's to save
+    d = pruned.pruning["distillation"]
+    assert d["steps"] == 3 and "ground truth" in d["loss"] and "50% natural" in d["data"]
+    assert pruned.pruning["epe_vs_unpruned"]["after_distillation"] is not None
+
+
+def test_ground_truth_needs_generated_pairs(tmp_path):
+    with pytest.raises(InputError, match=r"^natural=0.0, truth=1.0: .*truth only on generated pairs"):
+        prune(create("flownet2-s", weights=None), 0.3, calibration=tmp_path, truth=1.0)
+
+
 # ------------------------------------------------------------------ weight files and the CLI
 
 
