@@ -102,6 +102,35 @@ def test_shipped_weights_are_checked_against_their_sha256(saved, tmp_path, monke
         create("flownet2-ss")
 
 
+def test_named_checkpoints_ship_beside_the_default_weights(saved, tmp_path, monkeypatch, capsys):
+    """A pruned net shipped as checkpoint "pruned-0.3" of flownet2-s: loaded by name, listed by
+    `edgeflow models`, checked against its sha256, kept when the default weights are re-shipped."""
+    from edgeflow.cli import main
+    from edgeflow.compile.prune import prune, save
+
+    _, path = saved
+    monkeypatch.setattr(wio, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(wio, "INDEX", tmp_path / "weights" / "index.json")
+    pruned = prune(create("flownet2-s", weights=None), 0.3, distill_steps=0, size=(64, 64), validation_pairs=1)
+    save(pruned, "flownet2-s", tmp_path / "pruned.pt")
+    with pytest.raises(InputError, match=r"^checkpoint 'pruned-0.3': 'flownet2-s' has no default weights"):
+        wio.ship_weights(tmp_path / "pruned.pt", "flownet2-s", "pruned-0.3")
+    wio.ship_weights(path, "flownet2-s")
+    dest = wio.ship_weights(tmp_path / "pruned.pt", "flownet2-s", "pruned-0.3")
+    wio.ship_weights(path, "flownet2-s")
+    loaded = create("flownet2-s", weights="pruned-0.3")
+    assert loaded.pruning["ratio"] == 0.3 and _same(loaded, create("flownet2-s", weights=str(tmp_path / "pruned.pt")))
+    assert main(["models"]) == 0 and "(weights also: pruned-0.3)" in capsys.readouterr().out
+    with pytest.raises(InputError, match=r"^weight file 'pruned-0.5' does not exist \(shipped weights of "
+                                         r"flownet2-s: default, pruned-0.3\)$"):
+        create("flownet2-s", weights="pruned-0.5")
+    data = bytearray(dest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dest.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"flownet2-s-pruned-0.3.pt: sha256 does not match"):
+        create("flownet2-s", weights="pruned-0.3")
+
+
 @pytest.mark.parametrize("name", ["flownet2-s", "flownet2-ss"])
 def test_shipped_models_are_trained_fp16_weights(name):
     """flownet2-s and -ss ship (MODEL_CARD.md): at most 12 MB of fp16 per FlowNetS stage, and

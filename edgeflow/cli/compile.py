@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
 def compile_cmd(
     model: str = typer.Argument("flownet2-s", help="Registry name (see `edgeflow models`)."),
     target: str = typer.Option("jetson", "--target", "-t", help="Board or CPU (see `edgeflow targets`)."),
-    weights: str = typer.Option("default", help="default (shipped), random (untrained), or a weight file."),
+    weights: str = typer.Option("default", help="default (shipped), a checkpoint shipped beside it (see "
+                                                "`edgeflow models`), random (untrained), or a weight file."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (calibrated on --calib or generated pairs; "
                                                "VNNI on x86, dp4a on Jetsons)."),
     prune: float = typer.Option(0.0, help="Share of channels to remove (structured pruning, then "

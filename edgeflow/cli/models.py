@@ -22,10 +22,12 @@ def models(json_out: bool = typer.Option(False, "--json", help="Print JSON inste
     for s in SPECS.values():
         params = sum(p.numel() for p in FlowNet2(s.stages, s.width).parameters())
         rows.append({"name": s.name, "width": s.width, "params": params,
-                     "weights": "edgeflow" if s.name in have else "none", "description": s.description})
+                     "weights": "edgeflow" if s.name in have else "none",
+                     "checkpoints": sorted(have.get(s.name, {}).get("checkpoints", {})), "description": s.description})
     if json_out:
         typer.echo(json.dumps(rows, indent=1))
         return
     typer.echo(f"{'name':<14}{'width':>7}{'params':>10}  {'weights':<9}description")
     for r in rows:
-        typer.echo(f"{r['name']:<14}{r['width']:>7.3f}{r['params'] / 1e6:>9.2f}M  {r['weights']:<9}{r['description']}")
+        also = f" (weights also: {', '.join(r['checkpoints'])})" if r["checkpoints"] else ""
+        typer.echo(f"{r['name']:<14}{r['width']:>7.3f}{r['params'] / 1e6:>9.2f}M  {r['weights']:<9}{r['description']}{also}")

@@ -13,7 +13,8 @@ def prune_cmd(
     model: str = typer.Argument("flownet2-s", help="Registry name (see `edgeflow models`)."),
     ratio: float = typer.Option(..., "--ratio", help="Share of channels each prunable layer loses, e.g. 0.3."),
     out: str = typer.Option(..., "-o", "--out", help="Weight file to write (load it with --weights)."),
-    weights: str = typer.Option("default", help="default (shipped), random (untrained), or a weight file."),
+    weights: str = typer.Option("default", help="default (shipped), a checkpoint shipped beside it (see "
+                                                "`edgeflow models`), random (untrained), or a weight file."),
     importance: str = typer.Option("l1", help="Channel importance: l1 (weight norm) or taylor (first-order)."),
     calib: str = typer.Option(None, "--calib", help="Directory of your own video frames to distil on "
                                                     "(default: generated pairs)."),

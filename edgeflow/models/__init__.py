@@ -27,7 +27,8 @@ def create(name: str = DEFAULT_MODEL, weights="default"):
     """Build model `name` in eval mode.
 
     weights: "default" loads the weights edgeflow ships for `name` (an error if there are none),
-    a path loads an edgeflow weight file, None leaves the He-initialised random weights.
+    the name of a checkpoint shipped beside them (`edgeflow models`; e.g. "pruned-0.3") loads
+    that one, a path loads an edgeflow weight file, None leaves the He-initialised random weights.
     A pruned network's weight file (`edgeflow prune`) rebuilds the layers with its channel counts
     and sets `model.pruning` to its pruning report. Weights imported from Caffe carry the fixed
     input means of the official network in their meta (`caffe_mean_rgb`); the model then

@@ -34,21 +34,31 @@ def shipped() -> dict[str, dict]:
 
 
 def resolve(name: str, weights) -> Path:
-    """The weight file `weights` ("default" or a path) stands for, checked to exist."""
-    if weights == "default":
-        entry = shipped().get(name)
+    """The weight file `weights` stands for, checked to exist: "default" (the shipped weights of
+    `name`), the name of one of its shipped checkpoints (`checkpoints(name)`, e.g. "pruned-0.3"),
+    or a path. Shipped files are checked against the sha256 in weights/index.json."""
+    entry = shipped().get(name)
+    named = checkpoints(name)
+    if weights == "default" or weights in named:
         if entry is None:
             have = ", ".join(sorted(shipped())) or "none"
             raise InputError(f"no trained weights ship for {name!r} (shipped: {have}); "
                              f"pass weights=None for an untrained network")
+        entry = entry if weights == "default" else named[weights]
         path = WEIGHTS_DIR / entry["file"]
         if sha256_file(path) != entry["sha256"]:
             raise InputError(f"{path}: sha256 does not match weights/index.json; reinstall edgeflow")
         return path
     path = Path(weights)
     if not path.is_file():
-        raise InputError(f"weight file {str(path)!r} does not exist")
+        also = f" (shipped weights of {name}: {', '.join(['default', *named])})" if entry else ""
+        raise InputError(f"weight file {str(path)!r} does not exist{also}")
     return path
+
+
+def checkpoints(name: str) -> dict[str, dict]:
+    """{checkpoint name: index entry} of the named weights shipped beside `name`'s default ones."""
+    return shipped().get(name, {}).get("checkpoints", {})
 
 
 def load_tensors(path: str | os.PathLike, what: str = "weight file"):
@@ -93,7 +103,7 @@ def check_state_dict(model, state_dict: dict, source: str) -> None:
 
 
 def load_into(model, name: str, weights) -> dict:
-    """Load `weights` ("default" or a path) into `model` (registry `name`); returns the meta.
+    """Load `weights` (see `resolve`) into `model` (registry `name`); returns the meta.
 
     A pruned network's file lists its layers' channel counts (meta `channels`, see
     `edgeflow.models.channels`): those layers of `model` are rebuilt with these counts first.
@@ -137,20 +147,27 @@ def save(model, name: str, path: str | os.PathLike, *, meta: dict | None = None,
     return sha256_file(path)
 
 
-def ship_weights(path: str | os.PathLike, name: str) -> Path:
-    """Install weight file `path` as the shipped weights of `name` and record its sha256."""
+def ship_weights(path: str | os.PathLike, name: str, checkpoint: str | None = None) -> Path:
+    """Install weight file `path` as the shipped weights of `name` (its default ones, or those
+    named `checkpoint`, beside the default ones) and record its sha256."""
     import shutil
 
     blob = read(path)
     if blob.get("model") != name:
         raise InputError(f"{path}: weights are for model {blob.get('model')!r}, not {name!r}")
+    index = shipped()
+    if checkpoint is not None and name not in index:
+        raise InputError(f"checkpoint {checkpoint!r}: {name!r} has no default weights to ship it beside")
     WEIGHTS_DIR.mkdir(exist_ok=True)
-    dest = WEIGHTS_DIR / f"{name}.pt"
+    dest = WEIGHTS_DIR / (f"{name}.pt" if checkpoint is None else f"{name}-{checkpoint}.pt")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.copyfile(path, tmp)
     os.replace(tmp, dest)
-    index = shipped()
-    index[name] = {"file": dest.name, "sha256": sha256_file(dest), "meta": blob.get("meta", {})}
+    entry = {"file": dest.name, "sha256": sha256_file(dest), "meta": blob.get("meta", {})}
+    if checkpoint is None:
+        index[name] = {**entry, **({"checkpoints": checkpoints(name)} if checkpoints(name) else {})}
+    else:
+        index[name].setdefault("checkpoints", {})[checkpoint] = entry
     tmp_index = INDEX.with_name("index.json.tmp")
     tmp_index.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     os.replace(tmp_index, INDEX)
