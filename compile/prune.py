@@ -49,7 +49,7 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
           batch: int = 4, lr: float = 1e-4, size: tuple[int, int] = DISTILL_SIZE, round_to: int = ROUND_TO,
           natural: float = 0.0, truth: float = 0.0, validation_pairs: int = VALIDATION_PAIRS, seed: int = 0,
           progress: Callable[[str], None] | None = None, checkpoint: Callable | None = None,
-          checkpoint_s: float = 600.0):
+          checkpoint_s: float = 600.0, resume=None):
     """A pruned, distilled copy of FlowNet2 `model`; its `.pruning` attribute is the report.
 
     ratio: share of the channels each prunable layer loses, in (0, 1). importance: "l1" or
@@ -64,6 +64,9 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
     unpruned net is measured. seed: of the distillation pairs. progress: called with one line
     per stage of the work. checkpoint: called with the student (its report saying how many
     steps it has) every `checkpoint_s` seconds of distillation, to save it where a run may be cut.
+    resume: such a checkpoint of the same pruning of `model` (`models.create(name, weights=FILE)`):
+    its channels stay, and its distillation goes on from the step it reached to `distill_steps`
+    on new pairs (Adam's moments start afresh).
 
     Report keys: ratio, importance, round_to, stages, kept_whole (layer names), parameters and
     macs {"before", "after"} (MACs of the convolutions for one pair at `size`, see
@@ -81,25 +84,29 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
         raise InputError(f"natural={natural!r}, truth={truth!r}: expected 0 <= natural <= 1 and truth >= 0, "
                          f"truth only on generated pairs (no calibration frames)")
     frames = read_frames(calibration, size) if calibration is not None else None
-    tp = _torch_pruning()
+    done, seconds = _check_resume(resume, ratio, importance, round_to, distill_steps)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    student = copy.deepcopy(model).eval().requires_grad_(True)
-    pairs = PairSource(frames, size, seed, origin=calibration, natural=natural)
+    pairs = PairSource(frames, size, seed, origin=calibration, natural=natural, part=done)
     before = cost(teacher, size)
-
-    say(f"prune    {ratio:g} of the channels of every prunable layer by {importance} importance, "
-        f"{len(student.names)} stage(s) on their own")
-    if importance == "taylor":
-        _flow_energy_gradients(student, pairs, batch)
-    kept = remove_channels(student, ratio, importance, round_to, tp)
-    student.zero_grad(set_to_none=True)
+    heldout = _validation_pairs(validation_pairs, size)
+    if resume is None:
+        student = copy.deepcopy(model).eval().requires_grad_(True)
+        say(f"prune    {ratio:g} of the channels of every prunable layer by {importance} importance, "
+            f"{len(student.names)} stage(s) on their own")
+        if importance == "taylor":
+            _flow_energy_gradients(student, pairs, batch)
+        kept = remove_channels(student, ratio, importance, round_to, _torch_pruning())
+        student.zero_grad(set_to_none=True)
+        epe_pruned = epe_against(student, teacher, heldout)
+    else:
+        student = copy.deepcopy(resume).eval().requires_grad_(True)
+        kept, epe_pruned = resume.pruning["kept_whole"], resume.pruning["epe_vs_unpruned"]["after_pruning"]
+        say(f"resume   the distillation of a pruned {ratio:g} checkpoint at step {done}/{distill_steps}")
     after = cost(student, size)
     say(f"         parameters {before['parameters'] / 1e6:.2f} M -> {after['parameters'] / 1e6:.2f} M, "
         f"MACs {before['macs'] / 1e9:.3f} G -> {after['macs'] / 1e9:.3f} G at {size[0]}x{size[1]}")
-
-    heldout = _validation_pairs(validation_pairs, size)
-    epe_pruned = epe_against(student, teacher, heldout)
-    say(f"         EPE against the unpruned net {epe_pruned:.4f} px on {validation_pairs} held-out pairs")
+    say(f"         EPE against the unpruned net {epe_pruned:.4f} px on {validation_pairs} held-out pairs "
+        f"after pruning")
     loss = "multi-scale EPE (flow2..flow6) against the unpruned net" + (
         f" + {truth:g} x the same against the ground truth" if truth else "")
 
@@ -117,7 +124,7 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
                                 "data": "held-out generated pairs (edgeflow.training.heldout_set)"},
         }
 
-    t0 = time.time()
+    t0 = time.time() - seconds
     epe_distilled = epe_pruned
     if distill_steps:
         def save_point(step: int) -> None:
@@ -126,7 +133,7 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
             say(f"         checkpoint after {step} steps")
 
         distill(student, teacher, pairs, steps=distill_steps, batch=batch, lr=lr, truth=truth, progress=say,
-                checkpoint=save_point if checkpoint else None, checkpoint_s=checkpoint_s)
+                checkpoint=save_point if checkpoint else None, checkpoint_s=checkpoint_s, first=done)
         epe_distilled = epe_against(student, teacher, heldout)
         say(f"         EPE against the unpruned net {epe_pruned:.4f} -> {epe_distilled:.4f} px after distillation")
     student.pruning = report(distill_steps, time.time() - t0, epe_distilled)
@@ -158,11 +165,12 @@ def remove_channels(model, ratio: float, importance: str, round_to: int, tp) -> 
 
 
 def distill(student, teacher, pairs, *, steps: int, batch: int, lr: float, truth: float = 0.0, progress=None,
-            checkpoint: Callable[[int], None] | None = None, checkpoint_s: float = 600.0) -> None:
-    """Train `student` (all stages) for `steps` Adam steps to reproduce `teacher`'s flow pyramid
-    on `batch` pairs per step from `pairs` (a PairSource), plus `truth` x the same loss against
-    the pairs' ground truth; cosine learning-rate decay from `lr`. Progress at least every tenth
-    of the run and every two minutes; `checkpoint(steps done)` every `checkpoint_s` seconds."""
+            checkpoint: Callable[[int], None] | None = None, checkpoint_s: float = 600.0, first: int = 0) -> None:
+    """Train `student` (all stages) for Adam steps `first`..`steps` to reproduce `teacher`'s flow
+    pyramid on `batch` pairs per step from `pairs` (a PairSource), plus `truth` x the same loss
+    against the pairs' ground truth; cosine learning-rate decay from `lr` over `steps`. Progress
+    at least every tenth of the run and every two minutes; `checkpoint(steps done)` every
+    `checkpoint_s` seconds."""
     import torch
 
     from edgeflow.training import multiscale_loss
@@ -173,7 +181,7 @@ def distill(student, teacher, pairs, *, steps: int, batch: int, lr: float, truth
     running, n, t0 = 0.0, 0, time.time()
     said = saved = t0
     student.train()
-    for step in range(steps):
+    for step in range(first, steps):
         img1, img2, flow = pairs.batch(batch)
         with torch.no_grad():
             target = teacher.pyramids(img1, img2)
@@ -189,7 +197,7 @@ def distill(student, teacher, pairs, *, steps: int, batch: int, lr: float, truth
         running, n = running + loss.item(), n + 1
         now = time.time()
         if (step + 1) % every == 0 or step + 1 == steps or now - said > 120:
-            say(f"distill  step {step + 1}/{steps}  loss {running / n:.4f}  ({(now - t0) / (step + 1):.2f} s/step)")
+            say(f"distill  step {step + 1}/{steps}  loss {running / n:.4f}  ({(now - t0) / (step + 1 - first):.2f} s/step)")
             running, n, said = 0.0, 0, now
         if checkpoint and now - saved > checkpoint_s and step + 1 < steps:
             student.eval()
@@ -229,17 +237,18 @@ class PairSource:
     in px (None for the user's frames).
 
     frames None: pairs generated by `edgeflow.synth.generate_pair`, a share `natural` of them in
-    the natural style. Otherwise a list of uint8 HxWx3 BGR frames at `size` (read from `origin`,
+    the natural style; `part` > 0 (the step a resumed run starts at) draws another sequence.
+    Otherwise a list of uint8 HxWx3 BGR frames at `size` (read from `origin`,
     named in `description`): random consecutive pairs, each flipped (horizontally, vertically)
     and swapped in order at random. The teacher sees the same pair, so its flow stays the target.
     """
 
     def __init__(self, frames: list | None, size: tuple[int, int], seed: int = 0, origin=None,
-                 natural: float = 0.0):
+                 natural: float = 0.0, part: int = 0):
         import numpy as np
 
         self.frames, self.size, self.natural = frames, tuple(size), natural
-        self.rng = np.random.default_rng([seed, 0x5EED])
+        self.rng = np.random.default_rng([seed, 0x5EED] if not part else [seed, 0x5EED, part])
         styles = "generated pairs (edgeflow.synth)" if not natural else (
             f"generated pairs (edgeflow.synth), {natural:.0%} natural style")
         self.description = (styles if frames is None else
@@ -329,6 +338,22 @@ def _check_args(model, ratio, importance, distill_steps, batch, lr, size, round_
         raise InputError(f"round_to={round_to!r}: expected a positive channel multiple (1: any count)")
     if validation_pairs < 1:
         raise InputError(f"validation_pairs={validation_pairs}: expected at least 1")
+
+
+def _check_resume(resume, ratio: float, importance: str, round_to: int, steps: int) -> tuple[int, float]:
+    """(steps done, seconds spent) of checkpoint `resume`, (0, 0.0) for None; InputError where it
+    is not a checkpoint of this pruning short of `steps`."""
+    if resume is None:
+        return 0, 0.0
+    r = getattr(resume, "pruning", None) or {}
+    done = (r.get("distillation") or {}).get("steps")
+    got = (r.get("ratio"), r.get("importance"), r.get("round_to"))
+    if got != (ratio, importance, round_to) or done is None:
+        raise InputError(f"resume: expected a checkpoint pruned by {ratio:g} ({importance}, round_to {round_to}), "
+                         f"got {'an unpruned net' if not r else 'one pruned by {} ({}, round_to {})'.format(*got)}")
+    if not done < steps:
+        raise InputError(f"resume: the checkpoint has {done} distillation steps already, expected fewer than {steps}")
+    return done, float(r["distillation"].get("seconds", 0.0))
 
 
 def _torch_pruning():

@@ -179,6 +179,26 @@ def test_distillation_on_natural_pairs_with_ground_truth_leaves_checkpoints(tmp_
     assert pruned.pruning["epe_vs_unpruned"]["after_distillation"] is not None
 
 
+def test_a_cut_distillation_resumes_from_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "p.pt"
+    args = ["prune", "--ratio", "0.3", "--size", "64x128", "--batch", "1", "--checkpoint-minutes", "0", "-o", str(out)]
+    assert main([*args, "--steps", "2"]) == 0
+    first = create("flownet2-s", weights=str(out))
+    assert main([*args, "--steps", "4", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resume   the distillation of a pruned 0.3 checkpoint at step 2/4" in err
+    assert "step 3/4" in err and "step 1/4" not in err.split("resume")[1]
+    resumed = create("flownet2-s", weights=str(out))
+    assert resumed.pruning["distillation"]["steps"] == 4
+    assert layer_channels(resumed) == layer_channels(first)
+    assert resumed.pruning["epe_vs_unpruned"]["after_pruning"] == first.pruning["epe_vs_unpruned"]["after_pruning"]
+    with pytest.raises(InputError, match=r"^resume: the checkpoint has 4 distillation steps already, expected fewer"):
+        prune(create("flownet2-s"), 0.3, distill_steps=4, resume=resumed, **FAST)
+    with pytest.raises(InputError, match=r"^resume: expected a checkpoint pruned by 0.5 \(l1, round_to 8\), got one "
+                                         r"pruned by 0.3 \(l1, round_to 8\)$"):
+        prune(create("flownet2-s"), 0.5, distill_steps=8, resume=resumed, **FAST)
+
+
 def test_ground_truth_needs_generated_pairs(tmp_path):
     with pytest.raises(InputError, match=r"^natural=0.0, truth=1.0: .*truth only on generated pairs"):
         prune(create("flownet2-s", weights=None), 0.3, calibration=tmp_path, truth=1.0)

@@ -31,6 +31,8 @@ def prune_cmd(
     checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes",
                                              help="Write the student to OUT this often while it distils."),
     seed: int = typer.Option(0, "--seed", help="Seed of the distillation data."),
+    resume: bool = typer.Option(False, "--resume", help="OUT is a checkpoint of this run: go on distilling it "
+                                                        "up to --steps."),
 ) -> None:
     """Remove whole channels of MODEL by importance, distil it from the unpruned net, write its weights."""
     import time
@@ -41,11 +43,13 @@ def prune_cmd(
 
     spec(model)
     t0 = time.time()
+    start = create(model, weights=out) if resume else None
     pruned = prune(create(model, weights=None if weights == "random" else weights), ratio, importance=importance,
                    calibration=calib, distill_steps=steps, batch=batch, lr=lr, size=parse_size(size),
                    round_to=round_to, natural=natural, truth=truth, seed=seed,
                    progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True),
-                   checkpoint=lambda student: save(student, model, out), checkpoint_s=checkpoint_minutes * 60)
+                   checkpoint=lambda student: save(student, model, out), checkpoint_s=checkpoint_minutes * 60,
+                   resume=start)
     save(pruned, model, out)
     r = pruned.pruning
     p, m, e = r["parameters"], r["macs"], r["epe_vs_unpruned"]
