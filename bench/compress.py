@@ -1,10 +1,12 @@
 """What compression buys on the host: speed and accuracy of fp32, pruned, int8 and pruned+int8
 packages of the shipped flownet2-s against ONNX Runtime fp32 and int8, in one run.
 
-    python bench/compress.py [--size 384x512] [--prune 0.3] [--distill-steps 200] [--runs 10]
-                             [--threads N] [--pairs 8] [--json]
+    python bench/compress.py [--size 384x512] [--pruned pruned-0.3 | --pruned distil --prune 0.3
+                             --distill-steps 200] [--runs 10] [--threads N] [--pairs 32] [--json]
 
-Packages are compiled (and the net pruned and distilled once, its weights saved) into
+The pruned net is the checkpoint shipped beside flownet2-s's weights (`--pruned pruned-0.3`, see
+MODEL_CARD.md for how it was distilled), a weight file, or (`--pruned distil`) pruned by
+`--prune` and distilled for `--distill-steps` now, its weights saved. Packages are compiled into
 out/bench/compress/, reused when present. ONNX Runtime fp32 runs the unpruned net exported by
 `edgeflow.onnx_export`; ONNX Runtime int8 is its own static QDQ quantization of the same export
 (`onnxruntime.quantization.quantize_static`: uint8 activations, int8 per-channel weights,
@@ -37,27 +39,32 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def packages(size, ratio: float, distill_steps: int) -> dict[str, Path]:
-    """{name: package path} of fp32, pruned, int8 and pruned+int8, compiled where missing."""
+def packages(size, pruned: str, ratio: float, distill_steps: int) -> dict[str, Path]:
+    """{name: package path} of fp32, pruned, int8 and pruned+int8, compiled where missing.
+    pruned: weights of the pruned net (a shipped checkpoint's name or a file), or "distil"."""
     import torch
 
     from edgeflow.compile import compile, prune
     from edgeflow.compile.prune import save
     from edgeflow.models import create
+    from edgeflow.models.weights import resolve, sha256_file
 
     OUT.mkdir(parents=True, exist_ok=True)
     h, w = size
-    pruned_weights = OUT / f"flownet2-s-pruned-{ratio:g}-{distill_steps}.pt"
-    if not pruned_weights.exists():
-        log(f"prune flownet2-s by {ratio:g}, {distill_steps} distillation steps")
-        torch.manual_seed(0)
-        save(prune(create("flownet2-s"), ratio, distill_steps=distill_steps, progress=log), "flownet2-s",
-             pruned_weights)
-    plan = {"fp32": ("default", "fp32"), "pruned": (str(pruned_weights), "fp32"),
-            "int8": ("default", "int8"), "pruned+int8": (str(pruned_weights), "int8")}
+    pruned_weights = pruned
+    if pruned == "distil":
+        pruned_weights = str(OUT / f"flownet2-s-pruned-{ratio:g}-{distill_steps}.pt")
+        if not Path(pruned_weights).exists():
+            log(f"prune flownet2-s by {ratio:g}, {distill_steps} distillation steps")
+            torch.manual_seed(0)
+            save(prune(create("flownet2-s"), ratio, distill_steps=distill_steps, progress=log), "flownet2-s",
+                 pruned_weights)
+    plan = {"fp32": ("default", "fp32"), "pruned": (pruned_weights, "fp32"),
+            "int8": ("default", "int8"), "pruned+int8": (pruned_weights, "int8")}
     out = {}
     for name, (weights, precision) in plan.items():
-        path = OUT / f"flownet2-s-{name.replace('+', '-')}-{h}x{w}-{Path(weights).stem}.tar"
+        digest = sha256_file(resolve("flownet2-s", weights))[:12]  # a new checkpoint: a new package
+        path = OUT / f"flownet2-s-{name.replace('+', '-')}-{h}x{w}-{digest}.tar"
         if not path.exists():
             log(f"compile {name}")
             compile("flownet2-s", target="host", input_size=size, precision=precision, weights=weights, out=path,
@@ -132,11 +139,12 @@ def held_out_epe(fn, size, pairs: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="384x512")
+    parser.add_argument("--pruned", default="pruned-0.3")
     parser.add_argument("--prune", type=float, default=0.3)
     parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -148,7 +156,7 @@ def main() -> int:
 
     size = parse_size(args.size)
     threads = check_threads(args.threads)
-    paths = packages(size, args.prune, args.distill_steps)
+    paths = packages(size, args.pruned, args.prune, args.distill_steps)
     engines = {name: load(path, threads=threads) for name, path in paths.items()}
     sessions = ort_sessions(size, threads)
     img1, img2, _ = generate_pair(np.random.default_rng(0), size)
@@ -188,7 +196,7 @@ def main() -> int:
     base = accuracy["fp32"]
     result = {
         "model": "flownet2-s (shipped weights)", "input_size": list(size), "threads": threads, "runs": args.runs,
-        "prune": args.prune, "distill_steps": args.distill_steps,
+        "pruned": args.pruned, "prune": args.prune, "distill_steps": args.distill_steps,
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "ms": {k: round(v, 3) for k, v in ms.items()},
         "cpu_ms": {k: round(1e3 * statistics.median(v), 3) for k, v in cpu.items()},
