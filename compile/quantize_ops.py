@@ -1,4 +1,4 @@
-"""int8 convolutions: TE computes, the Relax converter, the VNNI (x86) and dp4a (CUDA) schedules.
+"""int8 convolutions: TE computes, the Relax converter, the VNNI (x86), sdot (aarch64) and dp4a (CUDA) schedules.
 
 The fake-quant ops `edgeflow::qconv2d` / `edgeflow::qdeconv2d` (`edgeflow.compile.quantize_torch`)
 are mapped by the frontend to one PrimFunc each, marked `edgeflow.op` (opaque to FuseOps):
@@ -19,8 +19,10 @@ compile time (the package stores packed int8 weights).
 Schedule (`schedule_qconv`, LLVM): per output row and block of 16 output channels, a tile of `t`
 output columns of 16 int32 lanes each accumulates in registers; the 4-input-channel x
 16-output-channel inner product is one `vpdpbusd` (AVX-512 VNNI, `VNNI_INTRIN`); the epilogue
-runs on the tile while it is in cache. Targets without VNNI (aarch64 here: no `+dotprod` rule
-yet) get the same loops, vectorised. CUDA (`schedule_qconv_cuda`): a thread per output value,
+runs on the tile while it is in cache. aarch64 with the dot product (`aarch64-cpu`: `+dotprod`)
+runs the same loops on int8 activations (`signed_variant`), the block as four NEON `sdot`
+(`quantize_arm`), tiles of 4 columns (16 accumulator registers). Other CPUs get the same loops,
+vectorised. CUDA (`schedule_qconv_cuda`): a thread per output value,
 the 4-channel inner products as `__dp4a` on activations shifted to int8 (CUDA has no u8 x s8
 dp4a); the correction input [2, ...] carries zp * sum(w) and sum(w), which undoes the shift.
 """
