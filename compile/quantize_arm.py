@@ -13,15 +13,16 @@ exactly, in int32, as on x86 (VNNI, u8 x s8). One intrinsic call is the same 16-
 x 4 input channels, the 4 activation bytes broadcast to the 16 byte lanes.
 
 TVM's own `dot_4x4_i8i8s32_sdot` (tvm/s_tir/tensor_intrin/arm_cpu.py) has the same body for 4
-outputs; importing that package costs a minute per process, so the 16-wide block is registered
-here, beside the VNNI one.
+outputs and builds with the LLVM of TVM 0.27 (unlike its VNNI one), but importing that package
+takes one to two minutes per process, so the 16-wide block is registered here, beside the VNNI one.
 """
 
 from __future__ import annotations
 
 SDOT_INTRIN = "edgeflow_dot_16x4_sdot"
-# Output columns per register tile: 4 int32x4 accumulators per column of 16 channels, 32 NEON
-# registers, 4 more for the weights and one for the activations: at most 6 columns.
+# Output columns per register tile: 4 int32x4 accumulators per column of 16 channels out of 32
+# NEON registers, plus 4 for the weights and the broadcast activations of the unrolled taps. 4
+# columns keep the inner loop free of spills; 6 spilled (LLVM's aarch64 assembly).
 SDOT_COLUMNS = 4
 
 
