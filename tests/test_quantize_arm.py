@@ -2,11 +2,14 @@
 `quantize_ops` / `quantize_arm`. The integer math is checked on this CPU (the signed compute,
 untensorized) and, where Debian's `qemu-user` and the aarch64 cross compiler are installed (`make
 install` does both), by running the cross-compiled, tensorized kernels under qemu-aarch64:
-exactly the integer reference, and SIGILL on a core without the dot product (so `sdot` is what
-runs). The int8 package for aarch64-cpu has `sdot` in every int8 kernel of its library."""
+exactly the integer reference, SIGILL on a core without the dot product (so `sdot` is what runs),
+and several times fewer instructions executed than without it (`bench/arm_int8.py`, whose qemu
+helpers these tests use). The int8 package for aarch64-cpu has `sdot` in every int8 kernel of
+its library."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -22,8 +25,10 @@ import torch.nn.functional as F
 from edgeflow.cli import main
 
 pytestmark = pytest.mark.tvm
-HERE = Path(__file__).resolve().parent
-DOTPROD_CPU = "cortex-a76"  # ARMv8.2-A + dot product, no i8mm, as the Orins' Cortex-A78AE (qemu 7.2 has no A78)
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("arm_int8", ROOT / "bench" / "arm_int8.py")
+arm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(arm)  # the qemu helpers: build, run, kernel_args, reference
 # (deconv, in channels, out channels, kernel, stride, padding, (H, W)): widths 12 (4-column
 # tiles), 7 (1-column tiles), channels that do not fill the 4 x 16 blocks
 LAYERS = {"conv3x3": (False, 20, 24, 3, 1, 1, (8, 12)), "conv5x5s2": (False, 10, 40, 5, 2, 2, (9, 14)),
@@ -49,16 +54,7 @@ def float_layer(spec, seed: int = 0):
     deconv, c, o, k, s, p, (h, w) = spec
     torch.manual_seed(seed)
     m = QuantConv((torch.nn.ConvTranspose2d if deconv else torch.nn.Conv2d)(c, o, k, s, p), -1.0, 3.0, 0.1)
-    return dict(x=torch.randn(1, c, h, w), weight=m.weight.data, w_scale=m.w_scale.data, bias=m.bias.data,
-                a_scale=m.a_scale, zero_point=m.zero_point, stride=m.stride, padding=m.padding, slope=m.slope,
-                deconv=deconv)
-
-
-def reference(layer) -> np.ndarray:
-    """The fake-quant torch op on the layer (float32; integer layers: exact, sums under 2^24)."""
-    op = torch.ops.edgeflow.qdeconv2d if layer["deconv"] else torch.ops.edgeflow.qconv2d
-    return op(*(layer[k] for k in ("x", "weight", "w_scale", "bias", "a_scale", "zero_point", "stride", "padding",
-                                   "slope"))).numpy()
+    return arm.layer_of(m, torch.randn(1, c, h, w))
 
 
 def integer_reference(layer) -> np.ndarray:
@@ -68,31 +64,6 @@ def integer_reference(layer) -> np.ndarray:
     q = fake_quant(layer["x"].double(), layer["a_scale"], layer["zero_point"])
     conv = F.conv_transpose2d if layer["deconv"] else F.conv2d
     return conv(q, layer["weight"].double(), None, layer["stride"], layer["padding"]).numpy()
-
-
-def kernel_args(layer, out_shape):
-    """(PrimFunc of the layer, its arguments as numpy arrays): weights packed, zero-point
-    correction and scales computed by the product's compile-time transforms, on this CPU."""
-    import tvm
-    from tvm import te
-
-    from edgeflow.compile import quantize_ops as q
-
-    w, deconv, s, p = layer["weight"].numpy(), layer["deconv"], layer["stride"], layer["padding"]
-    o = out_shape[1]
-    wq = te.placeholder(w.shape, "int8", "w")
-    wpack = q.pack_deconv_weight_te(wq, (s, s), (p, p)) if deconv else q.pack_conv_weight_te(wq)
-    corr = q.correction_te(wpack, o, layer["zero_point"], deconv)
-    ex = tvm.compile(te.create_prim_func([wq, wpack, corr]), target="llvm")
-    bufs = [tvm.runtime.tensor(w)] + [tvm.runtime.empty([int(d) for d in t.shape], t.dtype) for t in (wpack, corr)]
-    ex(*bufs)
-    packed, correction = bufs[1].numpy(), bufs[2].numpy()
-    scale = (layer["w_scale"] * np.float32(layer["a_scale"])).numpy().astype("float32")
-    x = layer["x"].numpy()
-    params = {k: layer[k] for k in ("a_scale", "zero_point", "stride", "padding", "slope")}
-    func = q.qconv_primfunc("qdeconv2d" if deconv else "qconv2d",
-                            [list(x.shape), list(packed.shape), list(correction.shape), list(out_shape)], params)
-    return func, [x, packed, correction, scale, layer["bias"].numpy(), np.zeros(out_shape, "float32")]
 
 
 @pytest.mark.parametrize("name", LAYERS)
@@ -105,8 +76,8 @@ def test_the_signed_compute_is_the_integer_reference(name):
     from edgeflow.compile.quantize_ops import QPAD, signed_variant
 
     for layer, tol in ((integer_layer(LAYERS[name]), 0.0), (float_layer(LAYERS[name]), 1e-5)):
-        want = integer_reference(layer) if tol == 0 else reference(layer)
-        func, args = kernel_args(layer, want.shape)
+        want = integer_reference(layer) if tol == 0 else arm.reference(layer)
+        func, args = arm.kernel_args(layer, want.shape)
         signed = signed_variant(func)
         for f, dtype in ((func, "uint8"), (signed, "int8")):  # what quantize+pad writes
             sch = s_tir.Schedule(f)
@@ -137,63 +108,53 @@ def test_dotprod_is_read_from_the_target():
     assert not has_dotprod(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
 
 
-def aarch64_kernel(layer, out_shape, tmp: Path) -> tuple[Path, Path, str]:
-    """The layer's kernel scheduled and compiled for aarch64-cpu, linked with tests/aarch64_call.c
-    into a static aarch64 executable; its argument files. Returns (executable, spec, assembly)."""
-    import tvm
-    import tvm_ffi
-
-    from edgeflow import targets
-    from edgeflow.compile.quantize_ops import schedule_qconv
-
-    target = targets.get("aarch64-cpu").tvm_target()
-    func, args = kernel_args(layer, out_shape)
-    with target:
-        func = schedule_qconv(func, target)
-    ex = tvm.compile(tvm.IRModule({"ef_entry": func.with_attr("global_symbol", "ef_entry")}), target=target)
-    ex.mod.write_to_file(str(tmp / "kernel.o"))
-    include = Path(tvm_ffi.__file__).parent / "include"
-    subprocess.run(["aarch64-linux-gnu-gcc", "-O1", "-static", "-I", str(include), str(HERE / "aarch64_call.c"),
-                    str(tmp / "kernel.o"), "-o", str(tmp / "call"), "-lm"], check=True, capture_output=True)
-    codes = {"float32": 2, "int8": 0, "int32": 0}
-    lines = []
-    for i, a in enumerate(args):
-        a.tofile(tmp / f"arg{i}")
-        lines.append(f"{tmp / f'arg{i}'} {codes[str(a.dtype)]} {a.dtype.itemsize * 8} {a.ndim} "
-                     f"{' '.join(map(str, a.shape))}")
-    (tmp / "spec").write_text("\n".join(lines) + "\n")
-    return tmp / "call", tmp / "spec", ex.mod.inspect_source("asm")
-
-
 def needs_qemu():
-    missing = [t for t in ("qemu-aarch64", "aarch64-linux-gnu-gcc") if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed: the aarch64 int8 kernels are not executed here "
-                    f"(Debian's qemu-user and gcc-aarch64-linux-gnu; make install installs both)")
+    if arm.missing_tools():
+        pytest.skip(f"{' and '.join(arm.missing_tools())} not installed: the aarch64 int8 kernels are not executed "
+                    f"here (Debian's qemu-user and gcc-aarch64-linux-gnu; make install installs both)")
 
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_sdot_kernels_compute_the_integer_reference_under_qemu(name, tmp_path):
-    """The tensorized aarch64 kernel, run for real (qemu-user, a dot-product core): the integer
-    layer exactly, the real-scale layer as the fake-quant op within float rounding; on a
+    """The tensorized aarch64-cpu kernel, run for real (qemu-user, a dot-product core): the
+    integer layer exactly, the real-scale layer as the fake-quant op within float rounding; on a
     Cortex-A57 (no dot product) the same executable dies of SIGILL."""
+    from edgeflow import targets
+
     needs_qemu()
+    target = targets.get("aarch64-cpu").tvm_target()
     for kind, layer in (("integer", integer_layer(LAYERS[name], seed=1)), ("float", float_layer(LAYERS[name]))):
-        want = integer_reference(layer) if kind == "integer" else reference(layer)
-        tmp = tmp_path / kind
-        tmp.mkdir()
-        exe, spec, asm = aarch64_kernel(layer, want.shape, tmp)
+        want = integer_reference(layer) if kind == "integer" else arm.reference(layer)
+        exe, spec, asm = arm.build(layer, want.shape, target, tmp_path / kind)
         assert "\tsdot\t" in asm and "\tusdot\t" not in asm  # the Orins' A78AE has no i8mm (usdot)
-        run = subprocess.run(["qemu-aarch64", "-cpu", DOTPROD_CPU, str(exe), str(spec)], capture_output=True,
-                             text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
-        got = np.fromfile(f"{tmp / 'arg5'}.out", "float32").reshape(want.shape)
+        code, got = arm.run(exe, spec)
+        assert code == 0
         if kind == "integer":
             assert np.abs(want).max() > 1000 and np.array_equal(got, want), name
         else:
             assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
-    old = subprocess.run(["qemu-aarch64", "-cpu", "cortex-a57", str(exe), str(spec)], capture_output=True, timeout=120)
-    assert old.returncode == -signal.SIGILL
+    assert arm.run(exe, spec, cpu="cortex-a57")[0] == -signal.SIGILL
+
+
+def test_sdot_executes_several_times_fewer_instructions_than_the_neon_fallback(tmp_path):
+    """Counted by qemu inside the kernel (not timed): conv3_1 of flownet2-s (96 -> 96, 3x3) on a
+    6x8 map, sdot against the same loops without the dot product, both exact."""
+    import tvm
+
+    from edgeflow import targets
+
+    needs_qemu()
+    layer = float_layer((False, 96, 96, 3, 1, 1, (6, 8)))
+    want = arm.reference(layer)
+    counts = {}
+    for kind, target in (("sdot", targets.get("aarch64-cpu").tvm_target()), ("neon", tvm.target.Target(arm.FALLBACK))):
+        exe, spec, asm = arm.build(layer, want.shape, target, tmp_path / kind)
+        assert ("\tsdot\t" in asm) == (kind == "sdot")
+        code, got = arm.run(exe, spec)
+        assert code == 0 and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        counts[kind] = arm.instructions(exe, spec)
+    macs = 96 * 96 * 9 * 6 * 8
+    assert counts["neon"] > 5 * counts["sdot"] and macs / counts["sdot"] > 6, counts
 
 
 def sdot_per_function(lib: Path) -> dict[str, int]:

@@ -1,5 +1,5 @@
 /* Calls one TVM-compiled PrimFunc of an object file without the TVM runtime, so that aarch64
- * code built here runs under qemu-user (tests/test_quantize_arm.py).
+ * code built here runs under qemu-user (bench/arm_int8.py, tests/test_quantize_arm.py).
  *
  *   aarch64_call SPEC
  *
