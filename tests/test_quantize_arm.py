@@ -188,6 +188,7 @@ def test_int8_package_for_aarch64_cpu_runs_sdot(tmp_path, capsys):
                   out=tmp_path / "a.tar", quantization=fast)
     m = out.manifest
     assert m["target"]["tvm_target"]["mattr"] == ["+neon", "+dotprod"]
+    assert "for this machine's CPU" in m["accuracy"]["measured_with"]  # the aarch64 code cannot run in-process
     kernels = m["quantization"]["kernels"]
     assert len(kernels) == len(m["quantization"]["layers"]) > 0
     assert all(k["instructions"].get("sdot", 0) > 0 and "vpdpbusd" not in k["instructions"] for k in kernels)
