@@ -200,3 +200,30 @@ def test_int8_package_for_aarch64_cpu_runs_sdot(tmp_path, capsys):
     assert main(["inspect", os.fspath(out.path)]) == 0
     text = capsys.readouterr().out
     assert f"{len(kernels)} of {len(kernels)} int8 kernels use integer dot products (sdot)" in text
+
+
+def test_the_runtime_refuses_int8_kernels_whose_dot_product_this_cpu_lacks():
+    """Where /proc/cpuinfo does not list the feature an int8 kernel's dot product needs, loading
+    refuses the package in one line instead of dying of SIGILL. This x86 CPU has no asimddp."""
+    import platform
+
+    from edgeflow.errors import PackageError
+    from edgeflow.runtime.format import check_runnable, cpu_flags
+
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip("/proc/cpuinfo lists no CPU flags here")
+    target = {"kind": "cpu", "name": "host", "machine": platform.machine()}
+
+    def manifest(op):
+        return {"target": target, "quantization": {"kernels": [{"name": "qconv2d", "instructions": {op: 8}}]}}
+
+    for op, flag in (("sdot", "asimddp"), ("vpdpbusd", "avx512_vnni")):
+        if flag in flags:
+            check_runnable(manifest(op))
+        else:
+            with pytest.raises(PackageError, match=rf"^package's int8 kernels use {op}, which this CPU lacks "
+                                                   rf"\({flag} not in /proc/cpuinfo\); compile it as fp32 or fp16$"):
+                check_runnable(manifest(op))
+    assert "asimddp" not in flags or platform.machine() == "aarch64"
+    check_runnable({"target": target, "quantization": None})  # float packages need no dot product
