@@ -42,11 +42,12 @@ sass-tools:
 	  mkdir -p $(VENV)/cuda/sass-legacy/bin && cp $$d/x/usr/bin/cuobjdump $$d/x/usr/bin/nvdisasm $(VENV)/cuda/sass-legacy/bin/; \
 	else echo "sass-tools: Debian's nvidia-cuda-toolkit could not be fetched: sm_72 SASS will not be read" >&2; fi
 
-# The aarch64 cross toolchain for the host part of Jetson packages (Debian's package).
+# The aarch64 cross toolchain for the host part of Jetson packages, and qemu-user, which runs the
+# aarch64 int8 (sdot) kernels in the tests (Debian's packages).
 cross-compiler:
-	@command -v aarch64-linux-gnu-g++ >/dev/null || { \
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null; }
 
 # Headless chromium and its driver for the daemon's browser test (Debian's packages).
 browser:

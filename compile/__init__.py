@@ -172,10 +172,13 @@ def compile(model="flownet2-s", *, target: str = "jetson", input_size=(448, 1024
     if device_code is not None:
         files["lib/kernels.cubin"] = device_code.cubin
         files["lib/kernels.json"] = device_code.metadata_json().encode()
+    measured_with = "this build"
+    if board.is_cuda:
+        measured_with = "an LLVM build of the same Relax module and precision (no GPU at compile time)"
+    elif board.cross_compiled:  # e.g. aarch64-cpu: same integers, this CPU's instructions
+        measured_with = "a build of the same Relax module and precision for this machine's CPU"
     accuracy = {"epe_vs_torch": round(epe, 6) if epe == epe else None, "frames": ACCURACY_PAIRS,
-                "tolerance": tolerance, "measured_on": "generated pairs",
-                "measured_with": "this build" if not board.is_cuda else
-                "an LLVM build of the same Relax module and precision (no GPU at compile time)"}
+                "tolerance": tolerance, "measured_on": "generated pairs", "measured_with": measured_with}
     if validation is not None:
         accuracy["validation"] = validation
     quantization = None

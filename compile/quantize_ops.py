@@ -1,4 +1,4 @@
-"""int8 convolutions: TE computes, the Relax converter, the VNNI (x86) and dp4a (CUDA) schedules.
+"""int8 convolutions: TE computes, the Relax converter, the VNNI (x86), sdot (aarch64) and dp4a (CUDA) schedules.
 
 The fake-quant ops `edgeflow::qconv2d` / `edgeflow::qdeconv2d` (`edgeflow.compile.quantize_torch`)
 are mapped by the frontend to one PrimFunc each, marked `edgeflow.op` (opaque to FuseOps):
@@ -19,13 +19,17 @@ compile time (the package stores packed int8 weights).
 Schedule (`schedule_qconv`, LLVM): per output row and block of 16 output channels, a tile of `t`
 output columns of 16 int32 lanes each accumulates in registers; the 4-input-channel x
 16-output-channel inner product is one `vpdpbusd` (AVX-512 VNNI, `VNNI_INTRIN`); the epilogue
-runs on the tile while it is in cache. Targets without VNNI (aarch64 here: no `+dotprod` rule
-yet) get the same loops, vectorised. CUDA (`schedule_qconv_cuda`): a thread per output value,
+runs on the tile while it is in cache. aarch64 with the dot product (`aarch64-cpu`: `+dotprod`)
+runs the same loops on int8 activations (`signed_variant`), the block as four NEON `sdot`
+(`quantize_arm`), tiles of 4 columns (16 accumulator registers). Other CPUs get the same loops,
+vectorised. CUDA (`schedule_qconv_cuda`): a thread per output value,
 the 4-channel inner products as `__dp4a` on activations shifted to int8 (CUDA has no u8 x s8
 dp4a); the correction input [2, ...] carries zp * sum(w) and sum(w), which undoes the shift.
 """
 
 from __future__ import annotations
+
+from edgeflow.compile.quantize_arm import SDOT_COLUMNS, SDOT_INTRIN, has_dotprod, register_sdot
 
 QPAD, QCONV, QOUT = "ef_qpad", "ef_qconv", "ef_qout"
 VNNI_INTRIN = "edgeflow_dot_16x4_vnni"
@@ -279,6 +283,11 @@ def schedule_qconv(func, target, board=None):
         return schedule_qconv_cuda(func, target, board)
     if str(target.kind.name) != "llvm":
         raise InputError(f"precision='int8': no int8 kernels for {target.kind.name} targets (CPU and CUDA only)")
+    intrin = None
+    if has_vnni(target):
+        intrin = register_vnni()
+    elif has_dotprod(target):  # sdot is signed x signed: activations shifted to int8
+        intrin, func = register_sdot(), signed_variant(func)
     sch = s_tir.Schedule(func)
     pad, conv, out = sch.get_sblock(QPAD), sch.get_sblock(QCONV), sch.get_sblock(QOUT)
     loops = sch.get_loops(conv)
@@ -291,19 +300,18 @@ def schedule_qconv(func, target, board=None):
         n, oo, y, x, oi, rc, ry, rx, ri = loops
         phases, at = [], None
     width = int(sch.get(x).extent)
-    xo, xi = sch.split(x, [None, column_tile(width)])
-    vnni = has_vnni(target)
-    sch.reorder(n, oo, y, *phases, xo, rc, ry, rx, *((xi, oi, ri) if vnni else (ri, xi, oi)))
+    xo, xi = sch.split(x, [None, column_tile(width, SDOT_COLUMNS if intrin == SDOT_INTRIN else 16)])
+    sch.reorder(n, oo, y, *phases, xo, rc, ry, rx, *((xi, oi, ri) if intrin else (ri, xi, oi)))
     sch.reverse_compute_at(out, xo if at is None else at)
     sch.parallel(sch.fuse(n, oo, y))
-    if not vnni:  # before the init is split off: vectorize needs the whole reduction block
+    if not intrin:  # before the init is split off: vectorize needs the whole reduction block
         sch.unroll(ri)
         sch.vectorize(oi)
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(xi)
-    if vnni:
-        sch.tensorize(oi, register_vnni())
+    if intrin:
+        sch.tensorize(oi, intrin)
     out_loops = sch.get_loops(out)
     sch.vectorize(out_loops[-1]) if int(sch.get(out_loops[-1]).extent) in (4, 8, 16) else None
     sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
@@ -369,6 +377,18 @@ def qconv_primfunc(op: str, shapes, params: dict, signed: bool = False):
         out = qconv2d_te(tx, tw, tc, ts, tb, padding=(padding,) * 4, kernel=(ws[2], ws[3]), **kwargs)
     return te.create_prim_func([tx, tw, tc, ts, tb, out]).without_attr("global_symbol").with_attrs(
         {OP_ATTR: op, PARAMS_ATTR: dict(params), **OPAQUE})
+
+
+def signed_variant(func):
+    """The qconv2d / qdeconv2d PrimFunc `func` rebuilt with int8 activations (uint8 - 128), for
+    signed x signed dot products (CUDA dp4a, NEON sdot); same parameters, same result."""
+    from edgeflow.compile.ops import OP_ATTR, PARAMS_ATTR
+
+    attrs = func.attrs[PARAMS_ATTR]
+    params = {k: (float(attrs[k]) if k in ("a_scale", "slope") else int(attrs[k]))
+              for k in ("a_scale", "zero_point", "stride", "padding", "slope")}
+    shapes = [[int(d) for d in p.shape] for p in (func.params[0], func.params[1], func.params[2], func.params[5])]
+    return qconv_primfunc(str(func.attrs[OP_ATTR]), shapes, params, signed=True)
 
 
 def _emit_once(bb, te_func, inputs, name, *args):
@@ -448,14 +468,7 @@ def schedule_qconv_cuda(func, target, board=None):
     signed x signed or unsigned x unsigned), the weight sums in `corr` undo the shift."""
     from tvm import s_tir
 
-    from edgeflow.compile.ops import OP_ATTR, PARAMS_ATTR
-
-    attrs = func.attrs[PARAMS_ATTR]
-    params = {k: (float(attrs[k]) if k in ("a_scale", "slope") else int(attrs[k]))
-              for k in ("a_scale", "zero_point", "stride", "padding", "slope")}
-    shapes = [[int(d) for d in p.shape] for p in (func.params[0], func.params[1], func.params[2], func.params[5])]
-    func = qconv_primfunc(str(func.attrs[OP_ATTR]), shapes, params, signed=True)
-    sch = s_tir.Schedule(func)
+    sch = s_tir.Schedule(signed_variant(func))
     pad, conv, out = sch.get_sblock(QPAD), sch.get_sblock(QCONV), sch.get_sblock(QOUT)
     for block in (pad, out):
         bx, tx = sch.split(sch.fuse(*sch.get_loops(block)), [None, 256])

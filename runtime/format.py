@@ -203,6 +203,7 @@ def check_runnable(manifest: dict, device: str | None = None) -> None:
     if kind == "cuda":
         _check_cuda(target, device_index(device))
     _check_host(target)
+    _check_cpu_features(manifest)
 
 
 def describe_target(target: dict) -> str:
@@ -237,6 +238,36 @@ def _check_host(target: dict) -> None:
     if target.get("host_triple"):
         raise PackageError(f"package is for {target['host_triple']}; this machine is {here}")
     raise PackageError(f"package was built for the CPU of the compiling machine ({there}); this machine is {here}")
+
+
+# Integer dot products in the int8 CPU kernels (the manifest's quantization.kernels counts) -> the
+# Linux /proc/cpuinfo flag of the CPU feature they need.
+DOT_FLAGS = {"sdot": "asimddp", "udot": "asimddp", "usdot": "i8mm", "vpdpbusd": "avx512_vnni"}
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as Linux lists them in /proc/cpuinfo ("flags" on x86, "Features"
+    on ARM); None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def _check_cpu_features(manifest: dict) -> None:
+    kernels = (manifest.get("quantization") or {}).get("kernels") or []
+    needed = {DOT_FLAGS[op]: op for k in kernels for op, n in (k.get("instructions") or {}).items()
+              if n and op in DOT_FLAGS}
+    flags = cpu_flags() if needed else None
+    missing = sorted(f for f in needed if flags is not None and f not in flags)
+    if missing:
+        raise PackageError(f"package's int8 kernels use {', '.join(needed[f] for f in missing)}, which this CPU "
+                           f"lacks ({', '.join(missing)} not in /proc/cpuinfo); compile it as fp32 or fp16")
 
 
 def _check_cuda(target: dict, index: int) -> None:

@@ -107,7 +107,7 @@ class Board:
         if self.host_cpu and self.host_cpu != "generic":
             out["mcpu"] = self.host_cpu
         if self.host_triple.startswith("aarch64"):
-            out["mattr"] = ["+neon"]
+            out["mattr"] = list(self.extra.get("mattr", ["+neon"]))  # aarch64-cpu: +dotprod (int8 sdot)
         return out
 
     def limits(self) -> dict:
