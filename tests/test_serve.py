@@ -183,6 +183,23 @@ def test_each_preview_is_encoded_once_for_all_viewers(looping):
             v.close()
     encoded = s1["previews_encoded"] - s0["previews_encoded"]
     assert 2 <= encoded <= s1["frames"] - s0["frames"] + 1  # at most one per flow field, not one per viewer
+    assert encoded <= 15 * (s1["uptime_s"] - s0["uptime_s"]) + 1  # the default cap, preview_fps = 15
+
+
+def test_preview_colours_are_flow_to_color():
+    """The preview's table-driven colour coding against the numpy Middlebury one."""
+    from edgeflow.runtime.serve.preview import colour_flow
+    from edgeflow.visualize import flow_to_color
+
+    rng = np.random.default_rng(3)
+    for scale in (0.01, 4.0, 300.0):
+        flow = cv2.resize(rng.normal(0, scale, (12, 16, 2)).astype(np.float32), (320, 240))
+        flow[0, 0] = 0  # zero flow: white; and the wheel's seam at angle 0 / 2 pi
+        flow[0, 1] = (1, 0)
+        flow[0, 2] = (1, -1e-6)
+        got, expected = colour_flow(flow).astype(int), flow_to_color(flow).astype(int)
+        assert got.shape == expected.shape == (240, 320, 3)
+        assert np.abs(got - expected).max() <= 1, scale
 
 
 def test_metrics_parse(looping):

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 
 from edgeflow.errors import InputError
@@ -52,6 +51,7 @@ class Settings:
     stall_timeout: float = 5.0  # seconds without a flow field before /healthz answers 503
     jpeg_quality: int = 80
     preview_width: int = 320  # each half of the MJPEG preview is at most this wide (colouring costs CPU)
+    preview_fps: float = 15.0  # most previews encoded per second for all viewers together (0: one per flow field)
 
     @classmethod
     def load(cls, config: str | os.PathLike | None = None, **given) -> "Settings":
@@ -76,6 +76,8 @@ class Settings:
             raise InputError(f"host {self.host!r} is beyond loopback: a token is required (token=...)")
         if not 0 <= int(self.port) < 65536:
             raise InputError(f"port {self.port}: expected 0-65535")
+        if not self.preview_fps >= 0:
+            raise InputError(f"preview_fps {self.preview_fps}: expected frames per second >= 0 (0: no cap)")
 
 
 def is_loopback(host: str) -> bool:
@@ -103,8 +105,9 @@ def _read_toml(path: Path) -> dict:
 
 class Daemon:
     """The stream of `settings` on `engine`, with what the endpoints read: the latest result,
-    its preview JPEG (encoded once, for all viewers, only when someone watches), counters and
-    health. `on_result` (set by the app) is called from the daemon's thread after each result."""
+    its preview JPEG (encoded only when someone watches, once for all viewers, at most
+    `preview_fps` times a second), counters and health. `on_result` (set by the app) is called
+    from the daemon's thread after each result."""
 
     def __init__(self, settings: Settings, engine):
         from edgeflow.runtime.sources import Backoff, open_source, opencv_info
@@ -126,7 +129,8 @@ class Daemon:
         self._latest = None  # the last Result
         self._last_at = 0.0  # time.monotonic() of it
         self._count = 0
-        self._jpeg: tuple[int, bytes] | None = None  # (count, preview) of the latest result once encoded
+        self._jpeg: tuple[int, bytes] | None = None  # (count, preview) of the last preview encoded
+        self._jpeg_at = -float("inf")  # time.monotonic() of its encoding
         self._recent: collections.deque = collections.deque(maxlen=RECENT)
         self._stream = None
         self._thread: threading.Thread | None = None
@@ -188,9 +192,10 @@ class Daemon:
             return self._count, self._latest
 
     def preview_jpeg(self) -> tuple[int, bytes | None]:
-        """(count, JPEG) of the latest result: camera and colour flow side by side. Encoded once
-        per result, by whoever asks first; call it off the event loop (it takes milliseconds)."""
-        from edgeflow.visualize import flow_to_color
+        """(count, JPEG) of the current preview (camera and colour flow side by side): encoded by
+        whoever asks first once a newer result exists and the cap allows; call it off the event
+        loop (it takes about a millisecond)."""
+        from edgeflow.runtime.serve.preview import preview_jpeg
 
         with self._encode_lock:
             cached = self.cached_preview()
@@ -200,21 +205,24 @@ class Daemon:
                 count, result = self._count, self._latest
             if result is None:
                 return 0, None
-            width = self.settings.preview_width  # the flow is coloured at the preview's size, not the camera's
-            halves = [_fit(result.frame, width), flow_to_color(_fit(result.flow, width))]
-            ok, jpeg = cv2.imencode(".jpg", np.hstack(halves),
-                                    [cv2.IMWRITE_JPEG_QUALITY, int(self.settings.jpeg_quality)])
+            jpeg = preview_jpeg(result.frame, result.flow, self.settings.preview_width, self.settings.jpeg_quality)
             self.previews_encoded += 1
             with self._lock:
-                self._jpeg = (count, jpeg.tobytes() if ok else None)
+                self._jpeg, self._jpeg_at = (count, jpeg), time.monotonic()
                 return self._jpeg
 
     def cached_preview(self) -> tuple[int, bytes | None] | None:
-        """(count, JPEG) of the latest result when it is already encoded, else None (no waiting)."""
+        """(count, JPEG) of the last preview while it is current (no newer result, or the next
+        is not due yet under `preview_fps`); None when a new one should be encoded."""
         with self._lock:
-            if self._jpeg is not None and self._jpeg[0] == self._count:
+            if self._jpeg is not None and (self._jpeg[0] == self._count or self.preview_due_in() > 0):
                 return self._jpeg
         return None
+
+    def preview_due_in(self) -> float:
+        """Seconds until the cap lets the next preview be encoded (0: now)."""
+        fps = self.settings.preview_fps
+        return max(0.0, self._jpeg_at + 1.0 / fps - time.monotonic()) if fps > 0 else 0.0
 
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): healthy while flow fields come; the reason says why not."""
@@ -271,15 +279,6 @@ class Daemon:
             "opencv": self.opencv,
             "started": self.started, "uptime_s": time.time() - self.started,
         }
-
-
-def _fit(img: np.ndarray, width: int) -> np.ndarray:
-    """`img` (BGR image or flow) at most `width` wide, aspect kept (flow vectors are not rescaled:
-    the colour coding normalises by the largest one)."""
-    h, w = img.shape[:2]
-    if w <= width:
-        return img
-    return cv2.resize(img, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
 
 
 def serve(settings: Settings, *, engine=None, ready: Callable[[str], None] | None = None) -> None:
