@@ -292,7 +292,7 @@ def main() -> None:
     parser.add_argument("--size", default="256x320", help="compiled size when no package is given")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--clip-size", default="480x640")
-    parser.add_argument("--clip-format", default="png", help=f"comma-separated, of {', '.join(FORMATS)}")
+    parser.add_argument("--clip-format", default="png,jpg,bmp", help=f"comma-separated, of {', '.join(FORMATS)}")
     parser.add_argument("--threads", default="all,all-1", help="network CPU threads per configuration")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--viewers", default="", help="e.g. 0,20: MJPEG clients on the daemon")
