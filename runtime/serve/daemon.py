@@ -115,14 +115,19 @@ class Daemon:
         self.settings = settings
         self.engine = engine
         self.opencv = opencv_info()
-        backoff = Backoff(attempts=None, initial=settings.reconnect_initial, maximum=settings.reconnect_max)
-        self.source = open_source(settings.source, backoff=backoff, width=settings.width, height=settings.height,
-                                  framerate=settings.framerate, flip=settings.flip, loop=settings.loop)
+        self._backoff = Backoff(attempts=None, initial=settings.reconnect_initial, maximum=settings.reconnect_max)
+        self._open_source = lambda: open_source(settings.source, backoff=self._backoff, width=settings.width,
+                                                height=settings.height, framerate=settings.framerate,
+                                                flip=settings.flip, loop=settings.loop)
+        self.source = self._open_source()
         self.started = time.time()
         self.on_result: Callable[[], None] | None = None
         self.viewer_transports: set = set()  # of the /stream.mjpg responses (event loop only)
-        self.state = "starting"  # starting, streaming, ended, failed, stopped
+        self.state = "starting"  # starting, streaming, ended, failed (and being started again), stopped
         self.reason = ""
+        self.restarts = 0  # streams started again after a failure
+        self._past = {"dropped": 0, "reopens": 0, "failures": 0}  # counts of the streams and sources before
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()  # one preview encoding at a time: the others then find it cached
         self.previews_encoded = 0
@@ -148,14 +153,43 @@ class Daemon:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            for result in self._stream:
-                self._publish(result)
-            if self.state != "stopped":
-                self.state, self.reason = "ended", "the file source reached its end (serve with loop to repeat it)"
-        except Exception as e:  # noqa: BLE001 - the daemon stays up and reports it
-            log.error("stream failed: %s", e)
-            self.state, self.reason = "failed", " ".join(str(e).split()) or type(e).__name__
+        """Take the stream's results. A stream that fails (a file source removed or unreadable, a
+        sink's error) is started again from a freshly opened source after backoff delays, for as
+        long as the daemon runs; a live source's own losses are reopened inside the stream."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if self._stream is None:
+                    self._restart()
+                for result in self._stream:
+                    failures = 0
+                    self._publish(result)
+                if not self._stopping.is_set():
+                    self.state, self.reason = "ended", "the file source reached its end (serve with loop to repeat it)"
+                return
+            except Exception as e:  # noqa: BLE001 - the daemon stays up, reports it and tries again
+                if self._stream is not None:
+                    self._past["dropped"] += self._stream.dropped
+                self._stream = None
+                failures += 1
+                delay = self._backoff.delay(failures)
+                reason = " ".join(str(e).split()) or type(e).__name__
+                log.error("stream failed: %s; starting it again in %.3g s", reason, delay)
+                self.state, self.reason = "failed", f"{reason}; starting it again in {delay:.3g} s"
+                self._stopping.wait(delay)
+
+    def _restart(self) -> None:
+        """A new stream over a newly opened source (InputError while the source is still missing)."""
+        old = self.source
+        old.close()
+        self.source = self._open_source()
+        for key in ("reopens", "failures"):
+            self._past[key] += int(getattr(old, key, 0))
+        self._stream = self.engine.stream(self.source, sinks=self.settings.sinks)
+        self.restarts += 1
+        if self._stopping.is_set():  # stop() ran meanwhile and saw the old ones
+            self._stream.close()
+            self.source.close()
 
     def _publish(self, result) -> None:
         """Make `result` the latest (its timings are complete: the sinks have run)."""
@@ -172,6 +206,7 @@ class Daemon:
     def stop(self) -> None:
         """Stop the stream and release the source (the sinks it opened are closed)."""
         self.state = "stopped"
+        self._stopping.set()
         if self.source.live:  # first: wakes a capture waiting to reopen the camera
             self.source.close()
         if self._stream is not None:
@@ -249,6 +284,7 @@ class Daemon:
         """The JSON of /status (also what /metrics reads); call it in the event loop."""
         healthy, reason = self.health()
         count, result = self.latest()
+        stream = self._stream
         with self._lock:
             recent = list(self._recent)
         stages, pipeline_fps, network_fps, latency = {}, 0.0, 0.0, 0.0
@@ -264,12 +300,14 @@ class Daemon:
             "state": self.state, "healthy": healthy, "reason": reason,
             "frames": count, "frame_id": result.frame_id if result is not None else None,
             "timestamp": result.timestamp if result is not None else None,
-            "dropped": self._stream.dropped if self._stream is not None else 0,
+            "dropped": self._past["dropped"] + (stream.dropped if stream is not None else 0),
+            "restarts": self.restarts,
             "fps": {"pipeline": pipeline_fps, "network": network_fps},
             "stages_ms": stages, "latency_s": latency,
             "source": {"uri": src.uri, "live": bool(src.live), "state": source_state,
                        "up": source_state == "streaming" and self.state == "streaming",
-                       "reconnects": int(getattr(src, "reopens", 0)), "failures": int(getattr(src, "failures", 0))},
+                       "reconnects": self._past["reopens"] + int(getattr(src, "reopens", 0)),
+                       "failures": self._past["failures"] + int(getattr(src, "failures", 0))},
             "viewers": len(self.viewer_transports), "previews_encoded": self.previews_encoded,
             "mjpeg_buffered_bytes": sum(t.get_write_buffer_size() for t in self.viewer_transports
                                         if not t.is_closing()),
