@@ -117,9 +117,12 @@ def mapped_device_pointer(array: np.ndarray) -> int | None:
     except ImportError:
         return None
     base = array.base
-    if not isinstance(base, cuda.HostAllocation) or not base.get_flags() & cuda.host_alloc_flags.DEVICEMAP:
+    if not isinstance(base, cuda.HostAllocation):
         return None
-    return int(base.get_device_pointer())
+    try:
+        return int(base.get_device_pointer())
+    except cuda.Error:  # not mapped into the device's address space
+        return None
 
 
 # -- a DLPack producer for memory numpy cannot describe (a device pointer) --------------------------
