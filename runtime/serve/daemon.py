@@ -168,7 +168,8 @@ class Daemon:
                     self.state, self.reason = "ended", "the file source reached its end (serve with loop to repeat it)"
                 return
             except Exception as e:  # noqa: BLE001 - the daemon stays up, reports it and tries again
-                if self._stream is not None:
+                if self._stream is not None:  # closed already when the failure was its own
+                    self._stream.close(abort=True)
                     self._past["dropped"] += self._stream.dropped
                 self._stream = None
                 failures += 1
