@@ -58,16 +58,26 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 class BufferRing:
     """`count` arrays of `shape` and `dtype`, handed out in turn by `next()`. Page-locked and
-    device-mapped (pycuda `pagelocked_empty`, PORTABLE | DEVICEMAP) when `pinned`, else numpy
-    (`aligned_empty`); both kinds are handed to the network without a copy."""
+    device-mapped (pycuda `pagelocked_empty`, PORTABLE | DEVICEMAP, in CUDA device
+    `device_index`'s primary context) when `pinned`, else numpy (`aligned_empty`); both kinds
+    are handed to the network without a copy."""
 
-    def __init__(self, shape: tuple[int, ...], dtype, count: int, *, pinned: bool = False):
+    def __init__(self, shape: tuple[int, ...], dtype, count: int, *, pinned: bool = False, device_index: int = 0):
         self.pinned = pinned
+        self._context = None  # the primary context retained while the page-locked buffers live
         if pinned:
             import pycuda.driver as cuda
 
+            cuda.init()
+            if cuda.Context.get_current() is None:  # cuMemHostAlloc needs a current context
+                self._context = cuda.Device(device_index).retain_primary_context()
+                self._context.push()
             flags = cuda.host_alloc_flags.PORTABLE | cuda.host_alloc_flags.DEVICEMAP
-            self.arrays = [cuda.pagelocked_empty(shape, dtype, mem_flags=flags) for _ in range(count)]
+            try:
+                self.arrays = [cuda.pagelocked_empty(shape, dtype, mem_flags=flags) for _ in range(count)]
+            finally:
+                if self._context is not None:
+                    cuda.Context.pop()
         else:
             self.arrays = [aligned_empty(shape, dtype) for _ in range(count)]
         self._next = 0
@@ -76,11 +86,14 @@ class BufferRing:
     def for_engine(cls, engine, count: int) -> "BufferRing":
         """A ring for `engine`'s inputs, page-locked when its device is CUDA and pycuda works
         (else plain, and the reason is logged once for a CUDA engine)."""
+        from edgeflow.runtime.format import device_index
+
         device = str(engine.device)
         hint = pinned_hint(device)
         if hint is not None and device.startswith("cuda"):
             log.info(hint)
-        return cls((1, 3, engine.height, engine.width), engine.input_dtype, count, pinned=hint is None)
+        return cls((1, 3, engine.height, engine.width), engine.input_dtype, count, pinned=hint is None,
+                   device_index=device_index(device))
 
     def next(self) -> np.ndarray:
         array = self.arrays[self._next]
@@ -91,10 +104,11 @@ class BufferRing:
 def tensor_view(array: np.ndarray, device):
     """A TVM tensor on `device` (a `tvm.runtime.Device`) over `array`'s own memory, or None
     where there is none without a copy: `array` not C-contiguous or not `ALIGNMENT`-aligned; for
-    a CUDA device, `array` not a whole page-locked, device-mapped pycuda allocation.
+    a CUDA device, `array` not in pycuda page-locked memory or the device without unified
+    addressing.
 
-    CPU: numpy's own DLPack export. CUDA: a DLPack tensor of the allocation's device pointer (on
-    a Jetson the same DRAM the CPU wrote; elsewhere, host memory the GPU reads over the bus)."""
+    CPU: numpy's own DLPack export. CUDA: a DLPack tensor of the memory's device address (on a
+    Jetson the same DRAM the CPU wrote; elsewhere, host memory the GPU reads over the bus)."""
     import tvm.runtime
 
     if not array.flags.c_contiguous or array.ctypes.data % ALIGNMENT or array.dtype.kind not in _DTYPE_CODES:
@@ -103,26 +117,40 @@ def tensor_view(array: np.ndarray, device):
         return tvm.runtime.from_dlpack(array)
     if device.dlpack_device_type() != _KDLCUDA:
         return None
-    pointer = mapped_device_pointer(array)
+    pointer = mapped_device_pointer(array, device.index)
     if pointer is None:
         return None
     return tvm.runtime.from_dlpack(dlpack_capsule(array, pointer, (_KDLCUDA, device.index)))
 
 
-def mapped_device_pointer(array: np.ndarray) -> int | None:
-    """The device address of `array` when it is a whole pycuda page-locked allocation mapped into
-    the device's address space (`pagelocked_empty(..., mem_flags=DEVICEMAP)`), else None."""
+def mapped_device_pointer(array: np.ndarray, device_index: int = 0) -> int | None:
+    """The address at which CUDA device `device_index` reads `array`, when `array` lies in pycuda
+    page-locked memory (`pagelocked_empty`, or a view of it) and the device has unified
+    addressing: there page-locked host memory is read by kernels at its host address (CUDA
+    driver API, "Unified Addressing"), so no context is needed to ask. Else None."""
     try:
         import pycuda.driver as cuda
     except ImportError:
         return None
-    base = array.base
-    if not isinstance(base, cuda.HostAllocation):
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not isinstance(base, cuda.HostAllocation) or not _unified_addressing(device_index):
         return None
-    try:
-        return int(base.get_device_pointer())
-    except cuda.Error:  # not mapped into the device's address space
-        return None
+    return int(array.ctypes.data)
+
+
+_UNIFIED: dict[int, bool] = {}
+
+
+def _unified_addressing(device_index: int) -> bool:
+    if device_index not in _UNIFIED:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        _UNIFIED[device_index] = bool(cuda.Device(device_index).get_attribute(
+            cuda.device_attribute.UNIFIED_ADDRESSING))
+    return _UNIFIED[device_index]
 
 
 # -- a DLPack producer for memory numpy cannot describe (a device pointer) --------------------------

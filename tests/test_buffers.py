@@ -108,7 +108,8 @@ def _double_kernel(shape):
 @pytest.mark.gpu
 def test_mapped_ring_buffer_reaches_a_cuda_kernel_without_a_copy():
     """Page-locked, mapped buffers on a real CUDA device: the DLPack view is a CUDA tensor at the
-    allocation's device address, and a kernel reads what the CPU writes there, call after call."""
+    memory's address (unified addressing), and a kernel reads what the CPU writes there, call
+    after call."""
     import tvm
 
     if pinned_hint("cuda") is not None:
@@ -120,7 +121,8 @@ def test_mapped_ring_buffer_reaches_a_cuda_kernel_without_a_copy():
     a = ring.next()
     assert ring.pinned and isinstance(a.base, cuda.HostAllocation)
     view = tensor_view(a, dev)
-    assert view.device.dlpack_device_type() == 2 and view.data_ptr() == int(a.base.get_device_pointer())
+    assert view.device.dlpack_device_type() == 2 and view.data_ptr() == a.ctypes.data
+    assert tensor_view(a.reshape(-1)[16:], dev).data_ptr() == a.ctypes.data + 64  # a view into the allocation
     double = _double_kernel(a.shape)
     out = tvm.runtime.empty(a.shape, "float32", dev)
     for value in (0.5, -3.0):
