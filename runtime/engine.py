@@ -4,6 +4,9 @@
 and returns float32 HxWx2 forward flow in pixels at that size. Inside it runs three steps, timed
 apart by the streaming pipeline: `prepare` (`preprocess.to_input` at the compiled size),
 `run_tensor` (the network, on the package's device) and `finish` (`preprocess.flow_to_size`).
+Prepared inputs reach the network as DLPack tensors over their own memory where they can
+(`buffers.tensor_view`: aligned numpy arrays on a CPU, page-locked mapped buffers on CUDA), else
+through a copy into the Engine's input tensors (`input_copies` counts those).
 Imports numpy, OpenCV and the TVM runtime only.
 """
 
@@ -14,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeflow.errors import InputError, PackageError, one_line
+from edgeflow.runtime.buffers import aligned_empty, tensor_view
 from edgeflow.runtime.preprocess import check_image, flow_to_size, to_input
-
-_SAVED = "edgeflow_main"  # the VM closure of "main" bound to the input buffers and parameters
 
 
 class Engine:
@@ -40,11 +42,12 @@ class Engine:
         inp = manifest["input"]
         self.height, self.width = int(inp["height"]), int(inp["width"])
         self.input_dtype = np.dtype(inp.get("dtype", "float32"))
-        self._dev = tvm.runtime.cuda(device_index(device)) if kind == "cuda" else tvm.runtime.cpu(0)
+        self._on_gpu = kind == "cuda"
+        self._dev = tvm.runtime.cuda(device_index(device)) if self._on_gpu else tvm.runtime.cpu(0)
 
         try:
             lib = tvm.runtime.load_module(str(self.directory / "lib" / "model.so"))
-            if kind == "cuda":
+            if self._on_gpu:
                 lib.import_module(_cuda_module(self.directory / "lib"))
             self._vm = VirtualMachine(lib, self._dev)
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a bad library
@@ -53,10 +56,11 @@ class Engine:
         self._params = [tvm.runtime.tensor(a, self._dev) for a in _load_params(self.directory / "params.npz",
                                                                                 manifest["params"]["order"])]
         shape = (1, 3, self.height, self.width)
+        self._main = self._vm["main"]  # main(x1, x2, *params): passing the parameters costs microseconds
+        # For inputs that cannot be handed over as they are: a staging array (dtype, layout), then a copy.
         self._inputs = [tvm.runtime.empty(shape, str(self.input_dtype), self._dev) for _ in range(2)]
-        self._vm.save_function("main", _SAVED, *self._inputs, *self._params)
-        self._main = self._vm[_SAVED]
         self._staging = [np.empty(shape, self.input_dtype) for _ in range(2)]
+        self.input_copies = 0  # inputs copied into the Engine's tensors instead of handed over
         self._pool = PoolThread(threads)  # last: a library that fails to load leaves no thread behind
         self.threads = self._pool.threads
 
@@ -75,7 +79,9 @@ class Engine:
 
     def prepare(self, img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 BGR/gray HxW[x3] -> array [1,3,H_net,W_net] RGB in [0,1] of the input dtype (`out`,
-        e.g. a page-locked buffer, or a new array)."""
+        e.g. a page-locked buffer, or a new array aligned for handing over without a copy)."""
+        if out is None:
+            out = aligned_empty((1, 3, self.height, self.width), self.input_dtype)
         return to_input(img, (self.height, self.width), self.input_dtype, out)
 
     def run_tensor(self, x1: np.ndarray, x2: np.ndarray) -> np.ndarray:
@@ -87,15 +93,22 @@ class Engine:
         return self._pool.call(self._run, xs)
 
     def _run(self, xs: list[np.ndarray]) -> np.ndarray:
+        args = []
         for buf, staging, x in zip(self._inputs, self._staging, xs):
-            if x.dtype != staging.dtype or not x.flags.c_contiguous:
-                np.copyto(staging, x, casting="unsafe")
-                x = staging
-            buf.copyfrom(x)
-        out = self._main()
+            view = tensor_view(x, self._dev) if x.dtype == self.input_dtype else None
+            if view is None:
+                if x.dtype != staging.dtype or not x.flags.c_contiguous:
+                    np.copyto(staging, x, casting="unsafe")
+                    x = staging
+                buf.copyfrom(x)
+                self.input_copies += 1
+                view = buf
+            args.append(view)
+        out = self._main(*args, *self._params)
         if not hasattr(out, "numpy"):  # a tuple of outputs: the flow is the first
             out = out[0]
-        return out.numpy()[0].astype(np.float32, copy=False)
+        flow = out.numpy() if self._on_gpu else np.from_dlpack(out)  # CPU: the VM's own output, no copy
+        return flow[0].astype(np.float32, copy=False)
 
     def close(self) -> None:
         """End the Engine's network thread (an unclosed Engine's daemon thread never blocks exit)."""

@@ -93,6 +93,9 @@ class Stream:
         self._buffers = BufferRing.for_engine(engine, queue_size + 4)
         self._closed = False
         self._error: BaseException | None = None  # the first failure of a stage, raised to the caller
+        # CPU seconds each stage's thread used, complete once the stream is closed. The network
+        # stage only hands pairs to the Engine's thread: the network's own CPU is not in it.
+        self.stage_cpu_s = dict.fromkeys(STAGES, 0.0)
         stages = (self._capture, self._preprocess, self._network, self._postprocess)
         self._threads = [threading.Thread(target=self._guard, args=(f, i), name=f"edgeflow-{name}", daemon=True)
                          for i, (f, name) in enumerate(zip(stages, STAGES))]
@@ -158,6 +161,8 @@ class Stream:
             if self._error is None:
                 self._error = e
             self._stop.set()
+        finally:
+            self.stage_cpu_s[STAGES[index]] = time.thread_time()
 
     def _capture(self) -> None:
         frames = iter(self.source)

@@ -54,10 +54,9 @@ def flow_to_size(flow: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     by H/Hn."""
     h, w = int(size[0]), int(size[1])
     hn, wn = flow.shape[1:]
-    flow = np.ascontiguousarray(flow.transpose(1, 2, 0), np.float32)
     if (h, w) == (hn, wn):
-        return flow
-    flow = resize(flow, h, w)
-    flow[..., 0] *= w / wn
-    flow[..., 1] *= h / hn
-    return flow
+        return np.ascontiguousarray(flow.transpose(1, 2, 0), np.float32)
+    small = np.empty((hn, wn, 2), np.float32)  # scaled at the network's size (resizing is linear): one pass fewer
+    np.multiply(flow[0], np.float32(w / wn), out=small[..., 0], casting="unsafe")
+    np.multiply(flow[1], np.float32(h / hn), out=small[..., 1], casting="unsafe")
+    return resize(small, h, w)

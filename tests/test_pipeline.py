@@ -61,6 +61,21 @@ def test_stream_gives_the_pair_by_pair_epe(engine, clip):
     assert stream.stats.count == 6 and s["network_fps"] > 0 and s["pipeline_fps"] > 0
 
 
+def test_ring_buffers_reach_the_network_without_a_copy(engine, clip):
+    """Prepared frames are handed to the TVM runtime as DLPack tensors over the ring's memory;
+    only inputs it cannot take as they are (misaligned, another dtype) are copied, to the same flow."""
+    d, frames, _ = clip
+    before = engine.input_copies
+    assert len(list(engine.stream(f"file://{d}"))) == 6 and engine.input_copies == before
+    x1, x2 = engine.prepare(frames[0]), engine.prepare(frames[1])
+    handed = engine.run_tensor(x1, x2).copy()
+    assert engine.input_copies == before
+    odd = np.empty(x1.size + 1, np.float32)[1:].reshape(x1.shape)  # 4 bytes past an aligned start
+    odd[...] = x1
+    np.testing.assert_array_equal(engine.run_tensor(odd, x2.astype(np.float64)), handed)
+    assert engine.input_copies == before + 2
+
+
 def slow(seconds: float):
     def sink(result):
         time.sleep(seconds)

@@ -183,6 +183,23 @@ def test_each_preview_is_encoded_once_for_all_viewers(looping):
             v.close()
     encoded = s1["previews_encoded"] - s0["previews_encoded"]
     assert 2 <= encoded <= s1["frames"] - s0["frames"] + 1  # at most one per flow field, not one per viewer
+    assert encoded <= 15 * (s1["uptime_s"] - s0["uptime_s"]) + 1  # the default cap, preview_fps = 15
+
+
+def test_preview_colours_are_flow_to_color():
+    """The preview's table-driven colour coding against the numpy Middlebury one."""
+    from edgeflow.runtime.serve.preview import colour_flow
+    from edgeflow.visualize import flow_to_color
+
+    rng = np.random.default_rng(3)
+    for scale in (0.01, 4.0, 300.0):
+        flow = cv2.resize(rng.normal(0, scale, (12, 16, 2)).astype(np.float32), (320, 240))
+        flow[0, 0] = 0  # zero flow: white; and the wheel's seam at angle 0 / 2 pi
+        flow[0, 1] = (1, 0)
+        flow[0, 2] = (1, -1e-6)
+        got, expected = colour_flow(flow).astype(int), flow_to_color(flow).astype(int)
+        assert got.shape == expected.shape == (240, 320, 3)
+        assert np.abs(got - expected).max() <= 1, scale
 
 
 def test_metrics_parse(looping):
@@ -331,6 +348,38 @@ def test_live_source_vanishes_and_returns(host_package, clip, tmp_path):
     finally:
         served.stop()
         camera.stop()
+
+
+def test_file_source_removed_and_restored(host_package, clip, tmp_path):
+    """The looping clip's directory vanishes mid-stream: the daemon stays up with /healthz 503 and
+    why, starts the stream again with backoff, and is healthy again once the files are back."""
+    import shutil
+
+    frames = tmp_path / "frames"
+    shutil.copytree(clip[0], frames)
+    config = tmp_path / "serve.toml"
+    config.write_text("reconnect_initial = 0.2\nreconnect_max = 0.5\nstall_timeout = 3.0\n")
+    served = Served(tmp_path, str(host_package), "--source", f"file://{frames}", "--loop", "--port", "0",
+                    "--config", str(config))
+    try:
+        served.wait_for(lambda: served.get("/healthz")[0] == 200, "a healthy daemon")
+        frames.rename(tmp_path / "away")
+        code, _, reason = served.wait_for(lambda: (r := served.get("/healthz"))[0] == 503 and r, "503 after the loss")
+        assert b"stream failed" in reason and b"starting it again" in reason, reason
+        time.sleep(1.0)
+        assert served.proc.poll() is None and served.get("/healthz")[0] == 503
+        assert served.get("/flow.npy")[0] == 200  # the last flow field stays served
+        before = served.status()["frames"]
+        (tmp_path / "away").rename(frames)
+        served.wait_for(lambda: served.get("/healthz")[0] == 200, "recovery")
+        s = served.status()
+        assert s["restarts"] >= 1 and s["frames"] > before and s["state"] == "streaming"
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(served.get("/metrics")[2].decode())}
+        assert families["edgeflow_stream_restarts"].samples[0].value >= 1
+    finally:
+        served.stop()
 
 
 def chromium_paths():

@@ -41,6 +41,12 @@ def serve_cmd(
     flip: Optional[int] = typer.Option(None, "--flip", min=0, max=7, help="CSI camera: nvvidconv flip-method."),
 ) -> None:
     """Serve live optical flow over HTTP: page, MJPEG, /flow.npy, /status, /metrics, /healthz."""
+    import sys
+
+    # The daemon needs no torch, but tvm_ffi imports it wherever it is installed: here 3 s more to
+    # start, 1 s more to exit under load and hundreds of MB. Kept out, as on the device.
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None
     from edgeflow.runtime.serve.daemon import Settings, serve
 
     settings = Settings.load(config, package=str(package), source=source, host=host, port=port, token=token,
@@ -51,8 +57,6 @@ def serve_cmd(
 
     def ready(url: str) -> None:
         typer.echo(f"edgeflow serve: {url} ({settings.source} through {package.name}; stop with Ctrl-C)")
-        import sys
-
         sys.stdout.flush()
 
     serve(settings, ready=ready)

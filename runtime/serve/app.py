@@ -1,7 +1,7 @@
 """The daemon's aiohttp app: the endpoints, the token check and the MJPEG fan-out.
 
     /             the page (page.html: camera and colour flow side by side, live stats; no external assets)
-    /stream.mjpg  multipart/x-mixed-replace JPEGs of the preview, one per new result
+    /stream.mjpg  multipart/x-mixed-replace JPEGs of the preview, one per new result, at most preview_fps a second
     /flow.npy     the latest flow (float32 HxWx2, pixels) as .npy; headers X-Edgeflow-Frame, -Timestamp
     /status       JSON: state, health, fps, stage means, drops, reconnects, package, OpenCV
     /metrics      Prometheus text format
@@ -104,16 +104,15 @@ async def _mjpeg(request: web.Request) -> web.StreamResponse:
     sent = -1
     try:
         while not hub.closed:
-            count, _ = daemon.latest()
-            if count == sent:
-                await hub.wait()
-                continue
             count, jpeg = daemon.cached_preview() or await loop.run_in_executor(None, daemon.preview_jpeg)
-            if jpeg is None:
-                await hub.wait()
-                continue
-            await response.write(hub.part(count, jpeg))  # awaited: a slow viewer waits here, alone
-            sent = count
+            if jpeg is not None and count != sent:
+                await response.write(hub.part(count, jpeg))  # awaited: a slow viewer waits here, alone
+                sent = count
+            due = daemon.preview_due_in()
+            if due > 0:  # the cap: no new preview before then, whatever the results
+                await asyncio.sleep(due)
+            elif jpeg is None or daemon.latest()[0] == sent:
+                await hub.wait()  # for a newer result
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:

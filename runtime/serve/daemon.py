@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 
 from edgeflow.errors import InputError
@@ -52,6 +51,7 @@ class Settings:
     stall_timeout: float = 5.0  # seconds without a flow field before /healthz answers 503
     jpeg_quality: int = 80
     preview_width: int = 320  # each half of the MJPEG preview is at most this wide (colouring costs CPU)
+    preview_fps: float = 15.0  # most previews encoded per second for all viewers together (0: one per flow field)
 
     @classmethod
     def load(cls, config: str | os.PathLike | None = None, **given) -> "Settings":
@@ -76,6 +76,8 @@ class Settings:
             raise InputError(f"host {self.host!r} is beyond loopback: a token is required (token=...)")
         if not 0 <= int(self.port) < 65536:
             raise InputError(f"port {self.port}: expected 0-65535")
+        if not self.preview_fps >= 0:
+            raise InputError(f"preview_fps {self.preview_fps}: expected frames per second >= 0 (0: no cap)")
 
 
 def is_loopback(host: str) -> bool:
@@ -103,8 +105,9 @@ def _read_toml(path: Path) -> dict:
 
 class Daemon:
     """The stream of `settings` on `engine`, with what the endpoints read: the latest result,
-    its preview JPEG (encoded once, for all viewers, only when someone watches), counters and
-    health. `on_result` (set by the app) is called from the daemon's thread after each result."""
+    its preview JPEG (encoded only when someone watches, once for all viewers, at most
+    `preview_fps` times a second), counters and health. `on_result` (set by the app) is called
+    from the daemon's thread after each result."""
 
     def __init__(self, settings: Settings, engine):
         from edgeflow.runtime.sources import Backoff, open_source, opencv_info
@@ -112,21 +115,27 @@ class Daemon:
         self.settings = settings
         self.engine = engine
         self.opencv = opencv_info()
-        backoff = Backoff(attempts=None, initial=settings.reconnect_initial, maximum=settings.reconnect_max)
-        self.source = open_source(settings.source, backoff=backoff, width=settings.width, height=settings.height,
-                                  framerate=settings.framerate, flip=settings.flip, loop=settings.loop)
+        self._backoff = Backoff(attempts=None, initial=settings.reconnect_initial, maximum=settings.reconnect_max)
+        self._open_source = lambda: open_source(settings.source, backoff=self._backoff, width=settings.width,
+                                                height=settings.height, framerate=settings.framerate,
+                                                flip=settings.flip, loop=settings.loop)
+        self.source = self._open_source()
         self.started = time.time()
         self.on_result: Callable[[], None] | None = None
         self.viewer_transports: set = set()  # of the /stream.mjpg responses (event loop only)
-        self.state = "starting"  # starting, streaming, ended, failed, stopped
+        self.state = "starting"  # starting, streaming, ended, failed (and being started again), stopped
         self.reason = ""
+        self.restarts = 0  # streams started again after a failure
+        self._past = {"dropped": 0, "reopens": 0, "failures": 0}  # counts of the streams and sources before
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()  # one preview encoding at a time: the others then find it cached
         self.previews_encoded = 0
         self._latest = None  # the last Result
         self._last_at = 0.0  # time.monotonic() of it
         self._count = 0
-        self._jpeg: tuple[int, bytes] | None = None  # (count, preview) of the latest result once encoded
+        self._jpeg: tuple[int, bytes] | None = None  # (count, preview) of the last preview encoded
+        self._jpeg_at = -float("inf")  # time.monotonic() of its encoding
         self._recent: collections.deque = collections.deque(maxlen=RECENT)
         self._stream = None
         self._thread: threading.Thread | None = None
@@ -144,14 +153,44 @@ class Daemon:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            for result in self._stream:
-                self._publish(result)
-            if self.state != "stopped":
-                self.state, self.reason = "ended", "the file source reached its end (serve with loop to repeat it)"
-        except Exception as e:  # noqa: BLE001 - the daemon stays up and reports it
-            log.error("stream failed: %s", e)
-            self.state, self.reason = "failed", " ".join(str(e).split()) or type(e).__name__
+        """Take the stream's results. A stream that fails (a file source removed or unreadable, a
+        sink's error) is started again from a freshly opened source after backoff delays, for as
+        long as the daemon runs; a live source's own losses are reopened inside the stream."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if self._stream is None:
+                    self._restart()
+                for result in self._stream:
+                    failures = 0
+                    self._publish(result)
+                if not self._stopping.is_set():
+                    self.state, self.reason = "ended", "the file source reached its end (serve with loop to repeat it)"
+                return
+            except Exception as e:  # noqa: BLE001 - the daemon stays up, reports it and tries again
+                if self._stream is not None:  # closed already when the failure was its own
+                    self._stream.close(abort=True)
+                    self._past["dropped"] += self._stream.dropped
+                self._stream = None
+                failures += 1
+                delay = self._backoff.delay(failures)
+                reason = " ".join(str(e).split()) or type(e).__name__
+                log.error("stream failed: %s; starting it again in %.3g s", reason, delay)
+                self.state, self.reason = "failed", f"{reason}; starting it again in {delay:.3g} s"
+                self._stopping.wait(delay)
+
+    def _restart(self) -> None:
+        """A new stream over a newly opened source (InputError while the source is still missing)."""
+        old = self.source
+        old.close()
+        self.source = self._open_source()
+        for key in ("reopens", "failures"):
+            self._past[key] += int(getattr(old, key, 0))
+        self._stream = self.engine.stream(self.source, sinks=self.settings.sinks)
+        self.restarts += 1
+        if self._stopping.is_set():  # stop() ran meanwhile and saw the old ones
+            self._stream.close()
+            self.source.close()
 
     def _publish(self, result) -> None:
         """Make `result` the latest (its timings are complete: the sinks have run)."""
@@ -168,6 +207,7 @@ class Daemon:
     def stop(self) -> None:
         """Stop the stream and release the source (the sinks it opened are closed)."""
         self.state = "stopped"
+        self._stopping.set()
         if self.source.live:  # first: wakes a capture waiting to reopen the camera
             self.source.close()
         if self._stream is not None:
@@ -188,9 +228,10 @@ class Daemon:
             return self._count, self._latest
 
     def preview_jpeg(self) -> tuple[int, bytes | None]:
-        """(count, JPEG) of the latest result: camera and colour flow side by side. Encoded once
-        per result, by whoever asks first; call it off the event loop (it takes milliseconds)."""
-        from edgeflow.visualize import flow_to_color
+        """(count, JPEG) of the current preview (camera and colour flow side by side): encoded by
+        whoever asks first once a newer result exists and the cap allows; call it off the event
+        loop (it takes about a millisecond)."""
+        from edgeflow.runtime.serve.preview import preview_jpeg
 
         with self._encode_lock:
             cached = self.cached_preview()
@@ -200,21 +241,24 @@ class Daemon:
                 count, result = self._count, self._latest
             if result is None:
                 return 0, None
-            width = self.settings.preview_width  # the flow is coloured at the preview's size, not the camera's
-            halves = [_fit(result.frame, width), flow_to_color(_fit(result.flow, width))]
-            ok, jpeg = cv2.imencode(".jpg", np.hstack(halves),
-                                    [cv2.IMWRITE_JPEG_QUALITY, int(self.settings.jpeg_quality)])
+            jpeg = preview_jpeg(result.frame, result.flow, self.settings.preview_width, self.settings.jpeg_quality)
             self.previews_encoded += 1
             with self._lock:
-                self._jpeg = (count, jpeg.tobytes() if ok else None)
+                self._jpeg, self._jpeg_at = (count, jpeg), time.monotonic()
                 return self._jpeg
 
     def cached_preview(self) -> tuple[int, bytes | None] | None:
-        """(count, JPEG) of the latest result when it is already encoded, else None (no waiting)."""
+        """(count, JPEG) of the last preview while it is current (no newer result, or the next
+        is not due yet under `preview_fps`); None when a new one should be encoded."""
         with self._lock:
-            if self._jpeg is not None and self._jpeg[0] == self._count:
+            if self._jpeg is not None and (self._jpeg[0] == self._count or self.preview_due_in() > 0):
                 return self._jpeg
         return None
+
+    def preview_due_in(self) -> float:
+        """Seconds until the cap lets the next preview be encoded (0: now)."""
+        fps = self.settings.preview_fps
+        return max(0.0, self._jpeg_at + 1.0 / fps - time.monotonic()) if fps > 0 else 0.0
 
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): healthy while flow fields come; the reason says why not."""
@@ -241,6 +285,7 @@ class Daemon:
         """The JSON of /status (also what /metrics reads); call it in the event loop."""
         healthy, reason = self.health()
         count, result = self.latest()
+        stream = self._stream
         with self._lock:
             recent = list(self._recent)
         stages, pipeline_fps, network_fps, latency = {}, 0.0, 0.0, 0.0
@@ -256,12 +301,14 @@ class Daemon:
             "state": self.state, "healthy": healthy, "reason": reason,
             "frames": count, "frame_id": result.frame_id if result is not None else None,
             "timestamp": result.timestamp if result is not None else None,
-            "dropped": self._stream.dropped if self._stream is not None else 0,
+            "dropped": self._past["dropped"] + (stream.dropped if stream is not None else 0),
+            "restarts": self.restarts,
             "fps": {"pipeline": pipeline_fps, "network": network_fps},
             "stages_ms": stages, "latency_s": latency,
             "source": {"uri": src.uri, "live": bool(src.live), "state": source_state,
                        "up": source_state == "streaming" and self.state == "streaming",
-                       "reconnects": int(getattr(src, "reopens", 0)), "failures": int(getattr(src, "failures", 0))},
+                       "reconnects": self._past["reopens"] + int(getattr(src, "reopens", 0)),
+                       "failures": self._past["failures"] + int(getattr(src, "failures", 0))},
             "viewers": len(self.viewer_transports), "previews_encoded": self.previews_encoded,
             "mjpeg_buffered_bytes": sum(t.get_write_buffer_size() for t in self.viewer_transports
                                         if not t.is_closing()),
@@ -271,15 +318,6 @@ class Daemon:
             "opencv": self.opencv,
             "started": self.started, "uptime_s": time.time() - self.started,
         }
-
-
-def _fit(img: np.ndarray, width: int) -> np.ndarray:
-    """`img` (BGR image or flow) at most `width` wide, aspect kept (flow vectors are not rescaled:
-    the colour coding normalises by the largest one)."""
-    h, w = img.shape[:2]
-    if w <= width:
-        return img
-    return cv2.resize(img, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
 
 
 def serve(settings: Settings, *, engine=None, ready: Callable[[str], None] | None = None) -> None:

@@ -49,6 +49,8 @@ class _DaemonCollector:
                     ("edgeflow_frames_dropped", "Frames dropped by the latest-frame-wins policy", s["dropped"]),
                     ("edgeflow_source_reconnects", "Successful reopens of a lost live source", src["reconnects"]),
                     ("edgeflow_source_failures", "Failed reads or opens of the source", src["failures"]),
+                    ("edgeflow_stream_restarts", "Streams started again after a failure (a file source removed, ...)",
+                     s["restarts"]),
                     ("edgeflow_previews_encoded", "Preview JPEGs encoded (once per flow field watched)",
                      s["previews_encoded"])]
         for name, doc, value in counters:
