@@ -109,6 +109,11 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
         f"after pruning")
     loss = "multi-scale EPE (flow2..flow6) against the unpruned net" + (
         f" + {truth:g} x the same against the ground truth" if truth else "")
+    data = pairs.description
+    if resume is not None:  # a resumed run may have changed its loss or data: say what each part used
+        was = resume.pruning["distillation"]
+        loss, data = ((f"steps 1-{done}: {was[k]}; then: {now}" if was[k] != now else now)
+                      for k, now in (("loss", loss), ("data", data)))
 
     def report(steps: int, seconds: float, epe_distilled: float | None) -> dict:
         return {
@@ -117,7 +122,7 @@ def prune(model, ratio: float, *, importance: str = "l1", calibration=None, dist
             "parameters": {"before": before["parameters"], "after": after["parameters"]},
             "macs": {"before": before["macs"], "after": after["macs"], "input_size": list(size)},
             "distillation": {"steps": steps, "batch": batch, "lr": lr, "size": list(size), "loss": loss,
-                             "data": pairs.description, "seconds": round(seconds, 1)},
+                             "data": data, "seconds": round(seconds, 1)},
             "epe_vs_unpruned": {"after_pruning": round(epe_pruned, 6),
                                 "after_distillation": None if epe_distilled is None else round(epe_distilled, 6),
                                 "pairs": validation_pairs, "size": list(size),
