@@ -124,7 +124,7 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
         for _ in range(runs):
             for name in order:
                 if spin:
-                    idle[name].append(_wait_idle())
+                    idle[name].append(wait_idle())
                 c0, t0 = time.process_time(), time.perf_counter()
                 calls[name]()
                 wall[name].append(time.perf_counter() - t0)
@@ -259,7 +259,7 @@ def _tvm_spin_count(spin: bool) -> int:
     return fixed
 
 
-def _wait_idle(limit: float = 2.0, window: float = 0.002) -> float:
+def wait_idle(limit: float = 2.0, window: float = 0.002) -> float:
     """Sleep until this process uses under 5 % of a CPU over `window` seconds (every pool thread
     asleep), at most `limit` seconds; returns the seconds waited."""
     start = time.perf_counter()
