@@ -65,6 +65,9 @@ def test_bench_one_peer_and_bad_flags(package, capsys):
         bench(package, vs="tensorrt")
     with pytest.raises(InputError, match="runs=0"):
         bench(package, runs=0)
+    # TVM read its spin count when this process's first pool started: no pool that never spins now
+    with pytest.raises(InputError, match="spin=False: TVM's pool in this process spins 300000 times"):
+        bench(package, vs="torch", threads=1, runs=1, spin=False)
 
 
 def test_cuda_package_needs_its_device(tmp_path, capsys):
