@@ -17,7 +17,9 @@ Anything else keeps TVM's legalization.
   and other elementwise consumers). Per output row and block of `f` output channels, `v` vectors
   of `lanes` output columns accumulate in registers while the input channels and kernel taps
   stream by (input: a vector load per tap, weights: a broadcast), then the epilogue writes them.
-  Rows x channel blocks in parallel. `f` and `v` fill the target's vector registers.
+  `f` and `v` fill the target's vector registers. Blocks of output rows run in parallel, each
+  padding the input rows it reads first: one parallel region (one wake-up of the thread pool)
+  per convolution. 24 blocks where the rows divide (even shares for 1-4, 6 and 8 threads).
 - `Elementwise`: every other PrimFunc (concat, resize, pad, casts, reductions): producers
   inlined, outer loops fused and parallel, innermost loop vectorised where it divides; a
   reduction over contiguous data (the images' mean) sums in vector lanes (rfactor).
@@ -184,6 +186,12 @@ def register_tile(channels: int, width: int, lanes: int, registers: int) -> tupl
     return best[1], best[2], w
 
 
+def row_blocks(rows: int, most: int = 24) -> int:
+    """The parallel blocks of output rows: the largest divisor of `rows` up to `most` (24: even
+    shares for 1, 2, 3, 4, 6 and 8 threads)."""
+    return max(d for d in range(1, min(rows, most) + 1) if rows % d == 0)
+
+
 class Conv(CPUScheduleRule):
     """Our conv2d / conv2d_transpose computes, with whatever elementwise ops FuseOps put after."""
 
@@ -220,8 +228,13 @@ class Conv(CPUScheduleRule):
                 sch.transform_block_layout(last, lambda b, c, yy, xx: (b, c, yy // sh, yy % sh, xx % sw, xx // sw))
         oo, oi = sch.split(o, [None, f])
         xo, xv, xl = sch.split(x, [None, v, w])
-        sch.reorder(n, oo, *rows, *phases, xo, rc, ry, rx, oi, xv, xl)
-        sch.parallel(sch.fuse(n, oo, *rows))
+        # blocks of output rows in parallel, each padding the input rows it reads (the halo rows
+        # twice): one parallel region per convolution, not one for the padding and one for the rest
+        rb, ri = sch.split(rows[0], [row_blocks(_extent(sch, rows[0])), None])
+        sch.reorder(n, rb, oo, ri, *phases, xo, rc, ry, rx, oi, xv, xl)
+        par = sch.fuse(n, rb)
+        sch.parallel(par)
+        sch.compute_at(pad, par)
         acc = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(acc, xo)
         if last is not None:
@@ -234,7 +247,6 @@ class Conv(CPUScheduleRule):
         if w > 1:
             sch.vectorize(sch.get_loops(init)[-1])
             sch.vectorize(sch.split(sch.get_loops(acc)[-1], [None, w])[1])
-        sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))  # the padded input: rows in parallel
         return sch
 
 

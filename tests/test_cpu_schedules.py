@@ -71,7 +71,7 @@ def flownet2_s():
 
 
 def test_every_convolution_is_register_tiled_and_parallel(flownet2_s):
-    from tvm import tirx
+    from tvm import s_tir, tirx
 
     from edgeflow.compile import cpu_schedules as cs
 
@@ -91,7 +91,11 @@ def test_every_convolution_is_register_tiled_and_parallel(flownet2_s):
             deconvs, convs = deconvs + deconv, convs + (not deconv)
             # the reduction was split off its init and accumulates in a local buffer
             assert any(b.endswith("_local") for b in blocks), gv
-            assert loops.get("parallel", 0) >= 2, (gv, loops)  # padding and the convolution
+            # one parallel region: blocks of rows, each padding its input rows, then convolving
+            assert loops.get("parallel", 0) == 1, (gv, loops)
+            (par,) = [lp for lp in _walk(func, tirx.For) if int(lp.kind) == int(tirx.ForKind.PARALLEL)]
+            inside = [b.name_hint for b in _walk(par, s_tir.SBlock)]
+            assert (cs.DECONV_PAD if deconv else cs.PAD) in inside, gv
             assert loops.get("vectorized", 0) >= 1 and loops.get("unrolled", 0) >= 2, (gv, loops)
             if not deconv:
                 w = [p for p in func.params if "weight" in p.name][0]
@@ -112,6 +116,13 @@ def test_register_tile_fits_the_registers():
                 assert f * v <= regs - 4
     assert register_tile(24, 256, 16, 32) == (6, 4, 16)  # conv1 on AVX-512
     assert register_tile(2, 64, 4, 32) == (2, 4, 4)  # a flow prediction on NEON
+
+
+def test_row_blocks_share_evenly():
+    from edgeflow.compile.cpu_schedules import row_blocks
+
+    assert [row_blocks(r) for r in (192, 96, 48, 24, 12, 6, 7, 1)] == [24, 24, 24, 24, 12, 6, 7, 1]
+    assert row_blocks(100) == 20 and 100 % row_blocks(100) == 0
 
 
 def _run(mod, params, board="host"):
