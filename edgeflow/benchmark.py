@@ -175,8 +175,8 @@ def model_from_package(manifest: dict, directory: str | os.PathLike):
     """The torch model of a package: the manifest's stages and width, the channel counts of a
     pruned network (manifest "pruning"), the package's parameters.
 
-    The package stores parameters as compiled (biases as [1,C,1,1], fp16 weights for fp16): each
-    is reshaped and cast back. The weight file named in the manifest, when present with the
+    The package stores parameters as compiled (biases as [1,C,1,1], fp16 weights for fp16, the
+    Winograd transform of wide 3x3 convolutions on CPUs): each is reshaped, cast or transformed back. The weight file named in the manifest, when present with the
     recorded sha256, supplies what is not a parameter (Caffe input means).
     """
     import numpy as np
@@ -202,6 +202,12 @@ def model_from_package(manifest: dict, directory: str | os.PathLike):
     own = model.state_dict()
     with np.load(Path(directory) / "params.npz", allow_pickle=False) as npz:
         stored = {n: npz[n] for n in manifest["params"]["order"] if n in own}
+    for key, value in stored.items():  # Winograd weights [4, 4, C, F] of a 3x3 convolution [F, C, 3, 3]
+        f, c = (own[key].shape[:2] if own[key].dim() == 4 else (None, None))
+        if own[key].shape[2:] == (3, 3) and value.shape == (4, 4, c, f):
+            from edgeflow.compile.cpu_schedules import winograd_weights_inverse
+
+            stored[key] = winograd_weights_inverse(value)
     for key, value in own.items():
         if key not in stored or stored[key].size != value.numel():
             raise PackageError(f"cannot rebuild the torch model: params.npz has no parameter {key!r} "

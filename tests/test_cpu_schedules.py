@@ -219,3 +219,52 @@ def test_convolutions_match_torch(case):
         want = torch.nn.functional.conv_transpose2d(tx, tw, stride=stride, padding=pad, output_padding=out_pad)
     want = torch.nn.functional.leaky_relu(want, 0.1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_weights_invert_exactly(rng):
+    from edgeflow.compile.cpu_schedules import WINOGRAD_G, winograd_weights_inverse
+
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)  # [F, C, 3, 3]
+    g = np.array(WINOGRAD_G, np.float32)
+    u = np.einsum("ik,fckl,jl->ijcf", g, w, g)  # G w G^T as [4, 4, C, F]
+    assert np.abs(winograd_weights_inverse(u) - w).max() < 1e-5
+
+
+def test_winograd_convolutions_in_flownet2_s():
+    """At 128x256 conv3_1 (96 channels in and out, 16x32) is the one convolution wide enough:
+    its Winograd weights are in the package's parameters, its PrimFunc is scheduled by `Winograd`
+    (one parallel region), the flow is torch's, and the torch weight comes back from them."""
+    import torch
+    import tvm
+    from tvm import relax, tirx
+
+    from edgeflow.compile import cpu_schedules as cs
+    from edgeflow.compile import frontend, lower
+    from edgeflow.models import create
+    from edgeflow.targets import get
+
+    size = (128, 256)
+    torch.manual_seed(0)
+    model = create("flownet2-s", weights=None).eval()
+    rm = frontend.to_relax(model, size)
+    mod, params, names = lower.prepare(rm.mod, rm.params, rm.param_names)
+    wino = {n: p for n, p in zip(names, params) if p.shape[:2] == (4, 4)}
+    assert list(wino) == ["flownets.conv3_1.0.weight"] and wino["flownets.conv3_1.0.weight"].shape == (4, 4, 96, 96)
+    want_w = model.state_dict()["flownets.conv3_1.0.weight"].numpy()
+    assert np.abs(cs.winograd_weights_inverse(wino["flownets.conv3_1.0.weight"]) - want_w).max() < 1e-5
+
+    funcs = [f for _, f in _scheduled(mod, "host").functions_items()
+             if isinstance(f, tirx.PrimFunc) and cs.WINO_M + "_update" in _blocks(f)]
+    assert len(funcs) == 1 and funcs[0].attrs.get("tirx.is_scheduled")
+    assert _loops(funcs[0]).get("parallel") == 1 and _loops(funcs[0]).get("vectorized", 0) >= 3
+
+    ex, _ = lower.build(mod, get("host"))
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 3, *size), dtype=np.float32)
+    b = np.roll(a, (2, 5), axis=(2, 3))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b),
+                                                       *[tvm.runtime.tensor(p) for p in params])
+    got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+    with torch.no_grad():
+        want = model(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert np.abs(want).mean() > 1e-3 and _epe(got, want) < 0.01
