@@ -95,12 +95,16 @@ def package(cache: Path, model: str, target: str, size, precision: str, fresh: b
     return path
 
 
-def run(cmd: list[str], env: dict | None = None) -> str:
-    """stdout of `cmd`; its stderr and a one-line error when it fails."""
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+class Failed(Exception):
+    """A command of the suite failed; the message is its last `Error: ...` line."""
+
+
+def run(cmd: list[str]) -> str:
+    """stdout of `cmd`; Failed with its error line when it fails."""
+    p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
-        sys.stderr.write(p.stderr[-3000:])
-        raise SystemExit(f"error: `{' '.join(cmd)}` failed ({p.returncode})")
+        errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
+        raise Failed(errors[-1] if errors else f"`{' '.join(cmd)}` failed ({p.returncode}): {p.stderr[-2000:]}")
     return p.stdout
 
 
@@ -153,7 +157,8 @@ def classical(sizes, threads_list, runs: int) -> list[dict]:
 
 
 def jetson(models, cache: Path, fresh: bool) -> list[dict]:
-    """Predicted ms and fps on every CUDA board: one package per (model, CUDA arch)."""
+    """Predicted ms and fps on every CUDA board: one package per (model, CUDA arch); boards whose
+    CUDA toolchain this machine lacks get {"skipped": the compiler's error}."""
     from edgeflow import prediction
     from edgeflow.inspect import kernel_report
     from edgeflow.targets import get
@@ -166,7 +171,12 @@ def jetson(models, cache: Path, fresh: bool) -> list[dict]:
     out = []
     for model in models:
         for arch, names in by_arch.items():
-            pkg = package(cache, model, names[0], JETSON_SIZE, JETSON_PRECISION, fresh)
+            try:
+                pkg = package(cache, model, names[0], JETSON_SIZE, JETSON_PRECISION, fresh)
+            except Failed as e:
+                log(f"skip     {', '.join(names)}: {e}")
+                out += [{"board": name, "cuda_arch": arch, "model": model, "skipped": str(e)} for name in names]
+                continue
             m = manifest(pkg)
             for name in names:
                 board = get(name)
@@ -302,6 +312,10 @@ def table(r: dict) -> str:
         lines += ["", "| board (prediction, not measured) | model, size, precision | predicted ms (range) | fps |",
                   "|---|---|---|---|"]
         for j in r["jetson"]:
+            if j.get("skipped"):
+                lines.append(f"| {j['board']} ({j['cuda_arch']}) | {j['model']} | not compiled here: "
+                             f"{j['skipped'].removeprefix('Error: ').split(';')[0].split(' (')[0]} | - |")
+                continue
             if j["predicted_ms"] is None:
                 continue
             lo, hi = j["predicted_range_ms"]
@@ -365,8 +379,8 @@ def main(argv=None) -> int:
                                                                       args.fresh)
         result["accuracy"] = accuracy(fp32, out, args.pairs, max(threads))
         plot(result["accuracy"], out / "epe_vs_ms.png")
-    result["seconds"] = round(time.time() - t_start, 1)
     result["load_average_end"] = load_average()
+    result["seconds"] = round(time.time() - t_start, 1)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "suite.json", json.dumps(result, indent=1))
     write_atomic(out / "suite.md", table(result))
