@@ -265,16 +265,21 @@ def _tvm_spin_count(spin: bool) -> int:
     return fixed
 
 
-def wait_idle(limit: float = 2.0, window: float = 0.002) -> float:
-    """Sleep until this process uses under 5 % of a CPU over `window` seconds (every pool thread
-    asleep), at most `limit` seconds; returns the seconds waited."""
+def wait_idle(limit: float = 3.0, window: float = 0.02, quiet: int = 2) -> float:
+    """Sleep until this process used under 5 % of a CPU in `quiet` consecutive `window`-second
+    windows (every pool thread asleep), at most `limit` seconds; returns the seconds waited.
+    Windows of 2 ms were too short: ONNX Runtime's spinning workers passed one as idle and then
+    took a core from the next engine for its whole call (torch at 2 threads: 78 instead of 38 ms)."""
     start = time.perf_counter()
-    while True:
+    calm = 0
+    while calm < quiet:
         c0, t0 = time.process_time(), time.perf_counter()
         time.sleep(window)
         t1 = time.perf_counter()
-        if time.process_time() - c0 < 0.05 * (t1 - t0) or t1 - start > limit:
-            return t1 - start
+        calm = calm + 1 if time.process_time() - c0 < 0.05 * (t1 - t0) else 0
+        if t1 - start > limit:
+            break
+    return time.perf_counter() - start
 
 
 def _ort_session(model, size, threads: int, device: str, spin: bool):
