@@ -63,25 +63,24 @@ test: install
 demo: install
 	$(BIN)/python -m edgeflow.demo out
 
-# Speed against ONNX Runtime and PyTorch on the same network, size and threads, in one run, the
-# pipelined stream against the network alone, and the correlation operator against TOPI and
-# torch; JSON under out/bench/. Random weights: speed
-# does not depend on them. 384x512: the untuned TVM CPU build takes seconds per pair at this size.
+# The benchmark suite (bench/suite.py: speed against ONNX Runtime and PyTorch on the same network,
+# size and threads in one run, OpenCV DIS, compile time, the runtime's peak memory, predicted fps
+# per Jetson board, EPE against ms per pair with a plot), the pipelined stream against the network
+# alone, the correlation operator against TOPI and torch, and what compression buys; JSON under
+# out/bench/ (suite.json, suite.md: the README's tables, epe_vs_ms.png). compress.py runs before the
+# suite, whose accuracy section reuses its int8 and pruned packages. Not part of `make test`.
 bench: install
 	mkdir -p out/bench
 	$(BIN)/edgeflow compile flownet2-s --target host --size 384x512 --weights random \
 	  -o out/bench/flownet2-s-host-384x512.tar
-	$(BIN)/edgeflow bench out/bench/flownet2-s-host-384x512.tar --vs onnxruntime,torch --json \
-	  > out/bench/flownet2-s-host-384x512.json.tmp
-	mv out/bench/flownet2-s-host-384x512.json.tmp out/bench/flownet2-s-host-384x512.json
 	$(BIN)/python bench/pipeline.py out/bench/flownet2-s-host-384x512.tar --json > out/bench/pipeline.json.tmp
 	mv out/bench/pipeline.json.tmp out/bench/pipeline.json
 	$(BIN)/python bench/correlation.py --json > out/bench/correlation.json.tmp
 	mv out/bench/correlation.json.tmp out/bench/correlation.json
 	$(BIN)/python bench/compress.py --json > out/bench/compress.json.tmp
 	mv out/bench/compress.json.tmp out/bench/compress.json
-	cat out/bench/flownet2-s-host-384x512.json out/bench/pipeline.json out/bench/correlation.json \
-	  out/bench/compress.json
+	$(BIN)/python bench/suite.py --out out/bench
+	cat out/bench/pipeline.json out/bench/correlation.json out/bench/compress.json
 
 # Time-boxed training on a machine with an NVIDIA GPU and torch (bench/train_gpu.sh says how);
 # no install step: it also runs where no package registry can be reached. Not part of `make test`.

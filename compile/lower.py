@@ -92,8 +92,10 @@ def _drop_device_imports(module) -> None:
 
 def prepare(mod, params: list, names: list[str], precision: str = "fp32", cuda: bool = False):
     """Rewrites before lowering: for CUDA (`cuda`), deconvolutions split by output phase
-    (`cuda_convs.split_deconvolutions`); mixed precision (for CUDA with fp16 casts moved before
-    concatenations, `cuda_convs.cast_before_concat`); then parameter transforms done once here.
+    (`cuda_convs.split_deconvolutions`); for fp32 on a CPU, the wide 3x3 convolutions as Winograd
+    F(2x2, 3x3) (`cpu_schedules.winograd_convolutions`: the package stores their transformed
+    weights, [4, 4, C, F] under the weight's name); mixed precision (for CUDA with fp16 casts moved
+    before concatenations, `cuda_convs.cast_before_concat`); then parameter transforms done once here.
 
     fp16: convolutions in fp16 with fp32 accumulation, correlation and warp on fp16 data
     (`ops.to_fp16`). The casts and reshapes that depend only on parameters (fp16 weights, biases
@@ -110,6 +112,10 @@ def prepare(mod, params: list, names: list[str], precision: str = "fp32", cuda: 
         from edgeflow.compile.cuda_convs import split_deconvolutions
 
         mod = split_deconvolutions(mod)
+    if not cuda and precision == "fp32":
+        from edgeflow.compile.cpu_schedules import winograd_convolutions
+
+        mod = winograd_convolutions(mod)  # its weight transform is lifted below, done once here
     if precision == "fp16":
         from edgeflow.compile.ops import to_fp16
 

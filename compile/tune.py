@@ -642,7 +642,7 @@ def _measure_hand(func, target, builder, runner) -> tuple[float | None, str]:
     ran = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])[0].result()
     if ran.error_msg:
         return None, _first_line(ran.error_msg)
-    return round(1e3 * min(float(s) for s in ran.run_secs), 4), ""
+    return round(1e3 * min(float(s) for s in ran.run_secs), 6), ""
 
 
 def _first_line(text: str) -> str:
@@ -690,7 +690,7 @@ def _tune_one(key, name, target, trials, db, builder, runner, entry, meta, say) 
             failed = len(runner_results) - len(ok)
             entry["trials"] += len(runner_results)
             if ok:
-                best = round(1e3 * min(ok), 4)
+                best = round(1e3 * min(ok), 6)
                 entry["best_ms"] = best if entry["best_ms"] is None else min(entry["best_ms"], best)
             _write_meta(db, meta)
             say(f"{name}: {entry['trials']} trials, best {_ms(entry['best_ms'])}"

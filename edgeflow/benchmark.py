@@ -1,18 +1,28 @@
 """`edgeflow bench`: a package's network time against its peers, in one run.
 
-    bench(package, *, vs=("onnxruntime", "torch"), threads=None, runs=10, warmup=2) -> dict
+    bench(package, *, vs=("onnxruntime", "torch"), threads=None, runs=10, warmup=2, spin=True) -> dict
 
 The peers run the same network: a torch model rebuilt from the package (manifest model, its own
 params.npz, so a `--weights random` package compares the same network) and its ONNX export
 (`edgeflow.onnx_export`) in ONNX Runtime. All three get the same prepared input (a generated
 pair at the package's input size) and the same thread count (torch.set_num_threads, ORT
-intra_op_num_threads, the Engine's `threads`), and none spins idle threads while another is
-timed; `effective_threads` (CPU time over wall time) shows the threads that ran. Before timing,
-the first call of each is checked: ORT must match torch to EPE 1e-3 px, the package must match torch within its
-precision's tolerance, or nothing is timed. Then `runs` rounds, each calling every framework
-once in turn (so a change of background load hits all alike); `ms` holds the medians of the
-network call alone: `Engine.run_tensor` (input copy in, VM call, flow out), the torch forward,
-the ORT session run. The Engine's pre/post-processing is timed apart, in the same rounds.
+intra_op_num_threads, the Engine's `threads`). Before timing, the first call of each is checked:
+ORT must match torch to EPE 1e-3 px, the package must match torch within its precision's
+tolerance, or nothing is timed. Then `runs` rounds, each calling every framework once in turn
+(so a change of background load hits all alike); `ms` holds the medians of the network call
+alone: `Engine.run_tensor` (input copy in, VM call, flow out), the torch forward, the ORT session
+run. The Engine's pre/post-processing is timed apart, in the same rounds.
+
+Thread pools spin: after a parallel region their idle workers keep polling for a while (TVM:
+300000 yields, `TVM_THREAD_POOL_SPIN_COUNT`; ONNX Runtime: `session.intra_op.allow_spinning`;
+torch: OpenMP's wait policy), which is what makes short kernels cheap, and what would steal a
+core from the next engine timed. With `spin` (the default) every engine keeps its production
+setting and each call is timed only once the process is idle again (its CPU time stops growing
+while the bench sleeps: every pool has gone to sleep); `idle_wait_ms` says how long that took.
+Without, no pool spins at all (TVM's spin count 0, ORT's spinning off), as in a process that
+shares its cores. TVM reads its spin count once per process, when its first pool starts: one
+process cannot time both ways. `effective_threads` (CPU time over wall time of each call) shows
+the threads that ran; with spinning it counts workers polling between kernels too.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from edgeflow.metrics import epe_chw
 from edgeflow.runtime.threads import check_threads
 
 PEERS = ("onnxruntime", "torch")
+TVM_DEFAULT_SPIN = 300000  # TVM's kDefaultSpinCount (src/runtime/thread_pool.cc): yields before sleeping
+_TVM_SPIN: int | None = None  # the spin count TVM's pool took in this process, once a bench started one
 ONNX_TOLERANCE = 1e-3  # px, mean EPE of the ONNX Runtime flow against the torch flow
 
 
@@ -35,14 +47,16 @@ class MismatchError(EdgeflowError):
 
 
 def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, runs: int = 10,
-          warmup: int = 2, progress=None) -> dict:
+          warmup: int = 2, spin: bool = True, progress=None) -> dict:
     """Median network ms of the package and of each peer in `vs`, and edgeflow/peer ratios.
 
     Returns {"ms": {"edgeflow", *vs}, "ratio": {peer: edgeflow ms / peer ms}, ...} with extra
     keys: model, input size, threads each framework reports, per-framework min/median/max and
     process CPU ms per call, the Engine's stages and end-to-end ms, EPE of each against torch.
-    threads: default, the CPUs this process may use. PackageError for a package this machine
-    cannot run (a CUDA package here), MismatchError if a peer computes something else.
+    threads: default, the CPUs this process may use. spin: pools spin as in production, each call
+    timed once the process is idle (see the module docstring); False: no pool spins. PackageError
+    for a package this machine cannot run (a CUDA package here), MismatchError if a peer computes
+    something else, InputError for a `spin` this process can no longer give TVM's pool.
     """
     import numpy as np
 
@@ -65,9 +79,7 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
 
     torch = _import("torch", "torch")
     torch_threads = torch.get_num_threads()
-    # Idle pool threads of one engine must not spin while another is timed: TVM reads this once,
-    # when its first pool starts (the Engine's, below); ONNX Runtime's is a session option.
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    tvm_spin = _tvm_spin_count(spin)
     try:
         torch.set_num_threads(threads)
         used = {"torch": torch.get_num_threads(), "onnxruntime": threads}
@@ -88,7 +100,7 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
         calls = {"torch": torch_call}
         if "onnxruntime" in vs:
             say("onnx     export the torch model (correlation, warp decomposed) for ONNX Runtime")
-            session = _ort_session(model.cpu(), (h, w), threads, device)
+            session = _ort_session(model.cpu(), (h, w), threads, device, spin)
             model.to(device)
             feed = {"img1": x1, "img2": x2}
             calls["onnxruntime"] = lambda: session.run(["flow"], feed)[0][0]
@@ -103,12 +115,16 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
         for _ in range(max(warmup - 1, 0)):
             for name in order:
                 calls[name]()
-        say(f"time     {runs} rounds of {', '.join(order)} ({threads} threads)")
+        say(f"time     {runs} rounds of {', '.join(order)} ({threads} threads, "
+            f"{'pools spin, each call timed once the process is idle' if spin else 'no pool spins'})")
         wall = {name: [] for name in order}
         cpu = {name: [] for name in order}
+        idle = {name: [] for name in order}
         stages = {"prepare": [], "finish": []}
         for _ in range(runs):
             for name in order:
+                if spin:
+                    idle[name].append(wait_idle())
                 c0, t0 = time.process_time(), time.perf_counter()
                 calls[name]()
                 wall[name].append(time.perf_counter() - t0)
@@ -135,6 +151,10 @@ def bench(package: str | os.PathLike, *, vs=PEERS, threads: int | None = None, r
         "precision": manifest.get("precision"),
         "input_size": [h, w],
         "threads": {"requested": threads, **{name: used[name] for name in order}},
+        "spin": spin,
+        "tvm_spin_count": tvm_spin,
+        # how long the process took to go idle before each engine's calls (pools still spinning)
+        "idle_wait_ms": {name: _median_ms(v) for name, v in idle.items() if v},
         # CPU time over wall time of each engine's calls: the threads that really ran
         "effective_threads": {name: round(statistics.median(cpu[name]) / statistics.median(wall[name]), 2)
                               for name in order},
@@ -155,8 +175,8 @@ def model_from_package(manifest: dict, directory: str | os.PathLike):
     """The torch model of a package: the manifest's stages and width, the channel counts of a
     pruned network (manifest "pruning"), the package's parameters.
 
-    The package stores parameters as compiled (biases as [1,C,1,1], fp16 weights for fp16): each
-    is reshaped and cast back. The weight file named in the manifest, when present with the
+    The package stores parameters as compiled (biases as [1,C,1,1], fp16 weights for fp16, the
+    Winograd transform of wide 3x3 convolutions on CPUs): each is reshaped, cast or transformed back. The weight file named in the manifest, when present with the
     recorded sha256, supplies what is not a parameter (Caffe input means).
     """
     import numpy as np
@@ -182,6 +202,12 @@ def model_from_package(manifest: dict, directory: str | os.PathLike):
     own = model.state_dict()
     with np.load(Path(directory) / "params.npz", allow_pickle=False) as npz:
         stored = {n: npz[n] for n in manifest["params"]["order"] if n in own}
+    for key, value in stored.items():  # Winograd weights [4, 4, C, F] of a 3x3 convolution [F, C, 3, 3]
+        f, c = (own[key].shape[:2] if own[key].dim() == 4 else (None, None))
+        if own[key].shape[2:] == (3, 3) and value.shape == (4, 4, c, f):
+            from edgeflow.compile.cpu_schedules import winograd_weights_inverse
+
+            stored[key] = winograd_weights_inverse(value)
     for key, value in own.items():
         if key not in stored or stored[key].size != value.numel():
             raise PackageError(f"cannot rebuild the torch model: params.npz has no parameter {key!r} "
@@ -223,7 +249,40 @@ def _check_same_network(manifest: dict, epe: dict) -> None:
                             f"{epe['edgeflow']:.4g} px (limit {limit:.4g} px): not the same network")
 
 
-def _ort_session(model, size, threads: int, device: str):
+def _tvm_spin_count(spin: bool) -> int:
+    """The spin count TVM's pool workers use in this process: 0 without `spin`, TVM's own
+    (TVM_THREAD_POOL_SPIN_COUNT, else 300000 yields) with it. TVM reads it once, when the first
+    pool worker of the process starts: InputError when the environment or an earlier bench in this
+    process fixed the other one. (A TVM pool that ran before any bench keeps what it read then.)"""
+    global _TVM_SPIN
+    count = int(os.environ.get("TVM_THREAD_POOL_SPIN_COUNT", TVM_DEFAULT_SPIN if spin else 0))
+    fixed = count if _TVM_SPIN is None else _TVM_SPIN
+    if (fixed > 0) != spin:
+        raise InputError(f"spin={spin}: TVM's pool in this process spins {fixed} times (TVM_THREAD_POOL_SPIN_COUNT, "
+                         f"read once per process); run the bench in a new process")
+    os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = str(fixed)
+    _TVM_SPIN = fixed
+    return fixed
+
+
+def wait_idle(limit: float = 3.0, window: float = 0.02, quiet: int = 2) -> float:
+    """Sleep until this process used under 5 % of a CPU in `quiet` consecutive `window`-second
+    windows (every pool thread asleep), at most `limit` seconds; returns the seconds waited.
+    Windows of 2 ms were too short: ONNX Runtime's spinning workers passed one as idle and then
+    took a core from the next engine for its whole call (torch at 2 threads: 78 instead of 38 ms)."""
+    start = time.perf_counter()
+    calm = 0
+    while calm < quiet:
+        c0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(window)
+        t1 = time.perf_counter()
+        calm = calm + 1 if time.process_time() - c0 < 0.05 * (t1 - t0) else 0
+        if t1 - start > limit:
+            break
+    return time.perf_counter() - start
+
+
+def _ort_session(model, size, threads: int, device: str, spin: bool):
     ort = _import("onnxruntime", "onnxruntime")
     from edgeflow.onnx_export import export_onnx
 
@@ -236,7 +295,7 @@ def _ort_session(model, size, threads: int, device: str):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # no warnings about nodes it cannot constant-fold
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(export_onnx(model, size), options, providers=providers)
 
 

@@ -65,6 +65,9 @@ def test_bench_one_peer_and_bad_flags(package, capsys):
         bench(package, vs="tensorrt")
     with pytest.raises(InputError, match="runs=0"):
         bench(package, runs=0)
+    # TVM read its spin count when this process's first pool started: no pool that never spins now
+    with pytest.raises(InputError, match="spin=False: TVM's pool in this process spins 300000 times"):
+        bench(package, vs="torch", threads=1, runs=1, spin=False)
 
 
 def test_cuda_package_needs_its_device(tmp_path, capsys):
@@ -135,3 +138,35 @@ def test_onnx_export_of_flownet2_cs_matches_torch(rng):
         want = model(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     assert np.sqrt(((got - want) ** 2).sum(1)).mean() < 1e-3
     assert np.abs(got - want).max() < 1e-3
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_suite_on_a_tiny_size(tmp_path):
+    """bench/suite.py end to end at 64x128, one run: every section, the same network in every
+    engine (equal EPE), a table and a PNG plot; no Jetson compile (minutes each)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, str(root / "bench" / "suite.py"), "--models", "flownet2-s", "--sizes", "64x128",
+                        "--threads", "1", "--runs", "1", "--pairs", "2", "--predict", "", "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "EDGEFLOW_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((out / "suite.json").read_text())
+    (pkg,) = r["packages"]
+    assert pkg["compile_seconds"] > 0 and pkg["rss"]["peak_mb"] > pkg["rss"]["imports_mb"] > 0
+    (s,) = r["speed"]
+    assert s["input_size"] == [64, 128] and s["threads"]["requested"] == 1 and s["spin"] is True
+    assert s["ratio"]["onnxruntime"] == pytest.approx(s["ms"]["edgeflow"] / s["ms"]["onnxruntime"], rel=1e-3)
+    assert {c["method"] for c in r["classical"]} == {"dis-ultrafast", "dis-fast", "dis-medium", "farneback"}
+    acc = r["accuracy"]
+    assert acc["_pairs"] == 2 and {"edgeflow fp32", "onnxruntime", "pytorch", "dis-medium", "farneback"} <= set(acc)
+    for peer in ("onnxruntime", "pytorch"):  # one network, three engines: one EPE
+        assert acc[peer]["epe"] == pytest.approx(acc["edgeflow fp32"]["epe"], abs=0.01)
+    assert (out / "epe_vs_ms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "suite.md").read_text()
+    assert "| flownet2-s | 64x128 | 1 |" in table and "| dis-medium | 64x128 | 1 |" in table

@@ -71,7 +71,7 @@ def flownet2_s():
 
 
 def test_every_convolution_is_register_tiled_and_parallel(flownet2_s):
-    from tvm import tirx
+    from tvm import s_tir, tirx
 
     from edgeflow.compile import cpu_schedules as cs
 
@@ -91,7 +91,11 @@ def test_every_convolution_is_register_tiled_and_parallel(flownet2_s):
             deconvs, convs = deconvs + deconv, convs + (not deconv)
             # the reduction was split off its init and accumulates in a local buffer
             assert any(b.endswith("_local") for b in blocks), gv
-            assert loops.get("parallel", 0) >= 2, (gv, loops)  # padding and the convolution
+            # one parallel region: blocks of rows, each padding its input rows, then convolving
+            assert loops.get("parallel", 0) == 1, (gv, loops)
+            (par,) = [lp for lp in _walk(func, tirx.For) if int(lp.kind) == int(tirx.ForKind.PARALLEL)]
+            inside = [b.name_hint for b in _walk(par, s_tir.SBlock)]
+            assert (cs.DECONV_PAD if deconv else cs.PAD) in inside, gv
             assert loops.get("vectorized", 0) >= 1 and loops.get("unrolled", 0) >= 2, (gv, loops)
             if not deconv:
                 w = [p for p in func.params if "weight" in p.name][0]
@@ -112,6 +116,13 @@ def test_register_tile_fits_the_registers():
                 assert f * v <= regs - 4
     assert register_tile(24, 256, 16, 32) == (6, 4, 16)  # conv1 on AVX-512
     assert register_tile(2, 64, 4, 32) == (2, 4, 4)  # a flow prediction on NEON
+
+
+def test_row_blocks_share_evenly():
+    from edgeflow.compile.cpu_schedules import row_blocks
+
+    assert [row_blocks(r) for r in (192, 96, 48, 24, 12, 6, 7, 1)] == [24, 24, 24, 24, 12, 6, 7, 1]
+    assert row_blocks(100) == 20 and 100 % row_blocks(100) == 0
 
 
 def _run(mod, params, board="host"):
@@ -208,3 +219,52 @@ def test_convolutions_match_torch(case):
         want = torch.nn.functional.conv_transpose2d(tx, tw, stride=stride, padding=pad, output_padding=out_pad)
     want = torch.nn.functional.leaky_relu(want, 0.1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_weights_invert_exactly(rng):
+    from edgeflow.compile.cpu_schedules import WINOGRAD_G, winograd_weights_inverse
+
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)  # [F, C, 3, 3]
+    g = np.array(WINOGRAD_G, np.float32)
+    u = np.einsum("ik,fckl,jl->ijcf", g, w, g)  # G w G^T as [4, 4, C, F]
+    assert np.abs(winograd_weights_inverse(u) - w).max() < 1e-5
+
+
+def test_winograd_convolutions_in_flownet2_s():
+    """At 128x256 conv3_1 (96 channels in and out, 16x32) is the one convolution wide enough:
+    its Winograd weights are in the package's parameters, its PrimFunc is scheduled by `Winograd`
+    (one parallel region), the flow is torch's, and the torch weight comes back from them."""
+    import torch
+    import tvm
+    from tvm import relax, tirx
+
+    from edgeflow.compile import cpu_schedules as cs
+    from edgeflow.compile import frontend, lower
+    from edgeflow.models import create
+    from edgeflow.targets import get
+
+    size = (128, 256)
+    torch.manual_seed(0)
+    model = create("flownet2-s", weights=None).eval()
+    rm = frontend.to_relax(model, size)
+    mod, params, names = lower.prepare(rm.mod, rm.params, rm.param_names)
+    wino = {n: p for n, p in zip(names, params) if p.shape[:2] == (4, 4)}
+    assert list(wino) == ["flownets.conv3_1.0.weight"] and wino["flownets.conv3_1.0.weight"].shape == (4, 4, 96, 96)
+    want_w = model.state_dict()["flownets.conv3_1.0.weight"].numpy()
+    assert np.abs(cs.winograd_weights_inverse(wino["flownets.conv3_1.0.weight"]) - want_w).max() < 1e-5
+
+    funcs = [f for _, f in _scheduled(mod, "host").functions_items()
+             if isinstance(f, tirx.PrimFunc) and cs.WINO_M + "_update" in _blocks(f)]
+    assert len(funcs) == 1 and funcs[0].attrs.get("tirx.is_scheduled")
+    assert _loops(funcs[0]).get("parallel") == 1 and _loops(funcs[0]).get("vectorized", 0) >= 3
+
+    ex, _ = lower.build(mod, get("host"))
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 3, *size), dtype=np.float32)
+    b = np.roll(a, (2, 5), axis=(2, 3))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b),
+                                                       *[tvm.runtime.tensor(p) for p in params])
+    got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+    with torch.no_grad():
+        want = model(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert np.abs(want).mean() > 1e-3 and _epe(got, want) < 0.01

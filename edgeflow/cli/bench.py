@@ -15,6 +15,9 @@ def bench_cmd(
     threads: int = typer.Option(None, "--threads", help="Threads for every framework (default: every physical core)."),
     runs: int = typer.Option(10, "--runs", help="Timed rounds; the medians are reported."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed rounds first (the first is checked against torch)."),
+    spin: bool = typer.Option(True, "--spin/--no-spin",
+                              help="Thread pools spin between kernels as in production, each call timed once the "
+                                   "process is idle again (default); or no pool spins at all."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     rpc_tracker: str = typer.Option(None, "--rpc-tracker", metavar="HOST:PORT",
                                     help="Run on a device registered with this TVM RPC tracker (no peers)."),
@@ -30,7 +33,7 @@ def bench_cmd(
     if rpc_tracker is not None or rpc_key is not None:
         _remote(package, rpc_tracker, rpc_key, runs, warmup, json_out, t0)
         return
-    r = bench(package, vs=vs, threads=threads, runs=runs, warmup=warmup,
+    r = bench(package, vs=vs, threads=threads, runs=runs, warmup=warmup, spin=spin,
               progress=lambda msg: typer.echo(f"[{time.time() - t0:6.1f}s] {msg}", err=True))
     if r["threads"]["edgeflow"] != r["threads"]["requested"]:
         typer.echo(f"warning: the TVM runtime uses {r['threads']['edgeflow']} threads, not {r['threads']['requested']}",
@@ -40,7 +43,8 @@ def bench_cmd(
         return
     h, w = r["input_size"]
     typer.echo(f"{r['model']} {h}x{w} {r['precision']} on {r['target']} ({r['device']}), "
-               f"{r['threads']['requested']} threads, median of {r['runs']} runs")
+               f"{r['threads']['requested']} threads, {'pools spin' if r['spin'] else 'no pool spins'}, "
+               f"median of {r['runs']} runs")
     typer.echo(f"{'':<13}{'ms':>10}{'min':>10}{'max':>10}{'cpu ms':>10}{'threads':>9}{'edgeflow/x':>12}")
     for name, ms in r["ms"].items():
         s = r["stats"][name]
