@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--distill", type=float, default=None)
     p.add_argument("--smooth", type=float, default=None)
     p.add_argument("--loss", default=None)
+    p.add_argument("--proposals", default=None, help="dis-medium, dis-fast or none (photometric only)")
+    p.add_argument("--label", type=float, default=None, help="weight of the pseudo-label term")
+    p.add_argument("--photo", type=float, default=None, help="weight of the photometric term")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(ROOT / "out" / "bench" / "adapted.pt"))
     p.add_argument("--no-realflow", action="store_true", help="skip ../shared/realflow")
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
-    knobs = {k: getattr(args, k) for k in ("lr", "distill", "smooth", "loss") if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in ("lr", "distill", "smooth", "loss", "proposals", "label", "photo") if getattr(args, k) is not None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = {"command": "bench/adapt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as tmp:

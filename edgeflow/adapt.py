@@ -8,7 +8,15 @@ of the footage by the photometric error of the second frame warped back by the p
 (census transform, or SSIM + L1), masked where the forward-backward check finds occlusions
 (UnFlow), plus an edge-aware second-order smoothness of the flow and a distillation term that
 ties the flow to the starting network's (a frozen copy), so the net cannot drift into a
-degenerate solution where the photometric loss is weak. The loss runs at a quarter of the
+degenerate solution where the photometric loss is weak.
+
+Pseudo-labels (`proposals`): before training, every training pair gets a label flow in both
+directions, fused per pixel from the starting network's flow and a classical method's (OpenCV
+DIS) by whichever has the lower census distance over a 15x15 window where the fused forward and
+backward labels agree (the same forward-backward check), and the starting network's flow where
+they do not. FlowNet's multi-scale loss pulls the network towards them. The photometric objective alone is a weak signal on blurred or hazy
+footage (MODEL_CARD.md); a per-pixel choice between two flows by that same objective is a
+strong one, and the network learns from it to beat both on new frames. The loss runs at a quarter of the
 resolution (the resolution of the network's flow; sensor noise averages out). Random crops, flips
 and order swaps; a running average of the weights is what gets written. The last part of the footage (`holdout`) is never trained on: the photometric error on its
 pairs, before and after, is the report. Stacks train their last stage only, as in training.
@@ -33,6 +41,8 @@ from edgeflow.errors import InputError
 MIN_FRAMES = 6  # at least 2 held-back frames (one pair) and 4 to adapt on
 CENSUS_PATCH = 7
 LOSSES = ("census", "ssim")
+PROPOSALS = ("dis-medium", "dis-fast", "none")  # classical flows fused with the net's into pseudo-labels
+FUSE_WINDOW = 15  # px: side of the box the census distances of the candidates are compared over
 
 
 @dataclass
@@ -47,8 +57,11 @@ class AdaptConfig:
     loss: str = "census"  # photometric term: "census" or "ssim" (0.85 SSIM + 0.15 L1)
     loss_stride: int = 4  # images and flows averaged over 4x4 blocks for the loss: the resolution of the
     #                       net's flow, and sensor noise averaged away (a stride of 2 trained worse)
+    photo: float = 1.0  # weight of the photometric term
     smooth: float = 2.0  # weight of the edge-aware second-order smoothness (flow in pixels / DIV_FLOW)
     distill: float = 0.005  # weight of the distillation to the starting network (Charbonnier, pixels)
+    proposals: str = "dis-medium"  # classical flow fused with the starting net's into pseudo-labels; "none"
+    label: float = 1.0  # weight of the pull towards the pseudo-labels (multi-scale EPE, pixels)
     skip: bool = True  # also pairs one frame apart (t, t+2)
     holdout: float = 0.2  # share of the footage (its end) held back for the report
     max_frames: int = 600  # frames read from the source (live sources never end)
@@ -73,8 +86,11 @@ class AdaptConfig:
             raise InputError(f"loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
         if self.loss_stride not in (1, 2, 4):
             raise InputError(f"loss_stride={self.loss_stride}: expected 1, 2 or 4")
-        if self.smooth < 0 or self.distill < 0:
-            raise InputError(f"smooth={self.smooth}, distill={self.distill}: weights cannot be negative")
+        if min(self.photo, self.smooth, self.distill, self.label) < 0:
+            raise InputError(f"photo={self.photo}, smooth={self.smooth}, distill={self.distill}, label={self.label}: "
+                             f"weights cannot be negative")
+        if self.proposals not in PROPOSALS:
+            raise InputError(f"proposals={self.proposals!r}: expected one of {', '.join(PROPOSALS)}")
         if not 0 < self.holdout < 1:
             raise InputError(f"holdout={self.holdout}: expected a share of the frames between 0 and 1")
         if not 0 <= self.ema < 1:
@@ -200,9 +216,13 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: AdaptConfig):
+def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: AdaptConfig, pyramid=None,
+               labels=None):
     """The self-supervised loss of a batch, both directions: robust photometric distance on
-    non-occluded in-image pixels + smoothness + distillation (Charbonnier, pixels) to the teacher.
+    non-occluded in-image pixels + smoothness + distillation (Charbonnier, pixels) to the teacher
+    + with `labels` ([2B,2,H/s,W/s]: the forward then the backward pseudo-labels, in pixels at the
+    loss stride s) FlowNet's multi-scale EPE of the network's `pyramid` (flow2..flow6 of both
+    directions, `FlowNet2.pyramids`) against them, normalised to pixels of flow2.
     Returns (loss, {term: float})."""
     import torch
     import torch.nn.functional as F
@@ -213,17 +233,83 @@ def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: Ada
                                                     (flow_fw, flow_bw, teacher_fw, teacher_bw))
         img1, img2 = F.avg_pool2d(img1, stride), F.avg_pool2d(img2, stride)
     flows, teachers, firsts, seconds = (flow_fw, flow_bw), (teacher_fw, teacher_bw), (img1, img2), (img2, img1)
-    photo = smooth = distill = 0.0
+    photo = smooth = distill = label = 0.0
     for k in range(2):
         with torch.no_grad():
             visible = (~occlusion_mask(flows[k], flows[1 - k])).to(img1.dtype)
         dist, inside = photometric_distance(firsts[k], seconds[k], flows[k], config.loss)
         photo = photo + masked_mean((dist + 0.01) ** 0.4, visible * inside)
         smooth = smooth + smoothness(flows[k] * stride, firsts[k])  # in full-resolution pixels
-        distill = distill + torch.sqrt((((flows[k] - teachers[k]) * stride) ** 2).sum(1) + 1e-2).mean()
-    loss = photo + config.smooth * smooth + config.distill * distill
-    return loss, {"photo": float(photo.detach()) / 2, "smooth": float(smooth.detach()) / 2,
-                  "distill": float(distill.detach()) / 2}
+        distill = distill + _charbonnier((flows[k] - teachers[k]) * stride).mean()
+    if labels is not None:  # both directions at once
+        from edgeflow.models.flownet import DIV_FLOW
+        from edgeflow.training import LOSS_WEIGHTS, multiscale_loss
+
+        flow2 = pyramid[0]
+        label = 2 * multiscale_loss(pyramid, labels * stride) * DIV_FLOW / (
+            LOSS_WEIGHTS[0] * flow2.shape[2] * flow2.shape[3])
+    loss = config.photo * photo + config.smooth * smooth + config.distill * distill + config.label * label
+    terms = {"photo": photo, "smooth": smooth, "distill": distill} | ({"label": label} if labels is not None else {})
+    return loss, {k: float(v.detach()) / 2 for k, v in terms.items()}
+
+
+def _charbonnier(diff):
+    """[B,1,H,W] robust length sqrt(|diff|^2 + 0.01) of a flow difference [B,2,H,W] (pixels)."""
+    import torch
+
+    return torch.sqrt((diff ** 2).sum(1, keepdim=True) + 1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pseudo-labels
+
+
+def fuse(img1, img2, candidates, window: int = FUSE_WINDOW):
+    """Per pixel, the candidate flow whose census distance (img2 warped back to img1) summed over a
+    `window` x `window` box is lowest. img1, img2 [1,3,H,W] RGB in [0,1]; candidates: flows
+    [1,2,H,W] in pixels. Returns the fused flow [1,2,H,W]."""
+    import torch
+    import torch.nn.functional as F
+
+    scores = []
+    for flow in candidates:
+        dist, inside = photometric_distance(img1, img2, flow, "census")
+        dist = torch.where(inside > 0.5, dist, torch.ones_like(dist))  # leaving the image: no evidence
+        scores.append(F.avg_pool2d(dist, window, 1, window // 2, count_include_pad=False))
+    best = torch.stack(scores).argmin(0)  # [1,1,H,W]
+    return torch.gather(torch.stack(candidates), 0, best.expand(1, 2, -1, -1).unsqueeze(0))[0]
+
+
+def pseudo_labels(net, frames: list, gaps: tuple, proposals: str, stride: int, progress: bool = False) -> dict:
+    """Pseudo-labels of the pairs (t, t + gap) of `frames` (uint8 BGR at the network size):
+    {(t, gap): flows [2,2,H/s,W/s] float32, forward then backward, in pixels at stride s = `stride`}.
+    Each direction fuses (`fuse`) the starting network `net`'s flow with the classical method
+    `proposals` ("dis-medium" or "dis-fast") where the fused flows pass the forward-backward
+    check, and keeps the network's flow where they do not."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from edgeflow.baselines import baseline
+    from edgeflow.training import to_tensor_pair
+
+    classical = baseline(proposals)
+    keys = [(t, g) for g in gaps for t in range(len(frames) - g)]
+    out = {}
+    with torch.no_grad():
+        for t, g in tqdm(keys, desc="pseudo-labels", disable=not progress, dynamic_ncols=True):
+            a, b = frames[t], frames[t + g]
+            x1, x2 = to_tensor_pair(a, b)
+            net_fw, net_bw = net(torch.cat((x1, x2)), torch.cat((x2, x1))).chunk(2)
+            dis_fw, dis_bw = (torch.from_numpy(classical(p, q).transpose(2, 0, 1).copy())[None]
+                              for p, q in ((a, b), (b, a)))
+            fw, bw = fuse(x1, x2, [net_fw, dis_fw]), fuse(x2, x1, [net_bw, dis_bw])
+            valid = torch.cat([~occlusion_mask(fw, bw), ~occlusion_mask(bw, fw)])
+            flows = torch.where(valid, torch.cat((fw, bw)), torch.cat((net_fw, net_bw)))
+            if stride > 1:
+                flows = F.avg_pool2d(flows, stride) / stride
+            out[(t, g)] = flows.numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,38 +359,52 @@ def split_footage(count: int, holdout: float) -> int:
 
 
 class _Pairs:
-    """Random training pairs of the leading frames: (t, t+1), and (t, t+2) with `skip`, cropped,
-    flipped and swapped in order at random."""
+    """Random training pairs of the leading frames: (t, t+1), and (t, t+2) with `skip`, cropped
+    (at multiples of the loss stride, so that the pseudo-labels stay aligned), flipped and swapped
+    in order at random; with `labels` (`pseudo_labels`) their label crops follow."""
 
-    def __init__(self, frames: list, crop: tuple, skip: bool, rng: np.random.Generator):
-        self.frames, self.rng = frames, rng
+    def __init__(self, frames: list, crop: tuple, gaps: tuple, rng: np.random.Generator, stride: int,
+                 labels: dict | None = None):
+        self.frames, self.rng, self.gaps, self.stride, self.labels = frames, rng, gaps, stride, labels
         h, w = frames[0].shape[:2]
         self.crop = (min(crop[0], h), min(crop[1], w))
-        self.gaps = (1, 2) if skip and len(frames) > 2 else (1,)
 
     def batch(self, n: int):
+        """(img1, img2 [n,3,h,w] RGB in [0,1], labels: None or [2n,2,h/s,w/s], the forward labels
+        of the n pairs then their backward ones)."""
         import torch
 
         from edgeflow.training import to_tensor_pair
 
-        pairs = [to_tensor_pair(*self._pair()) for _ in range(n)]
-        return torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
+        items = [self._pair() for _ in range(n)]
+        pairs = [to_tensor_pair(a, b) for a, b, _ in items]
+        img1, img2 = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
+        if self.labels is None:
+            return img1, img2, None
+        flows = torch.from_numpy(np.stack([f for _, _, f in items]))  # [n, 2 directions, 2, h/s, w/s]
+        return img1, img2, torch.cat((flows[:, 0], flows[:, 1]))
 
     def _pair(self):
-        rng = self.rng
+        rng, s = self.rng, self.stride
         gap = self.gaps[int(rng.integers(len(self.gaps)))]
         t = int(rng.integers(len(self.frames) - gap))
         a, b = self.frames[t], self.frames[t + gap]
         (h, w), (ch, cw) = a.shape[:2], self.crop
-        y, x = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+        y, x = s * int(rng.integers((h - ch) // s + 1)), s * int(rng.integers((w - cw) // s + 1))
         a, b = a[y:y + ch, x:x + cw], b[y:y + ch, x:x + cw]
-        if rng.random() < 0.5:
+        flows = None if self.labels is None else \
+            self.labels[(t, gap)][:, :, y // s:(y + ch) // s, x // s:(x + cw) // s]
+        if rng.random() < 0.5:  # the pair in the other order: the backward label becomes the forward one
             a, b = b, a
+            flows = None if flows is None else flows[::-1]
         if rng.random() < 0.5:
             a, b = a[:, ::-1], b[:, ::-1]
+            flows = None if flows is None else flows[..., ::-1] * np.float32([-1, 1])[:, None, None]
         if rng.random() < 0.5:
             a, b = a[::-1], b[::-1]
-        return np.ascontiguousarray(a), np.ascontiguousarray(b)
+            flows = None if flows is None else flows[..., ::-1, :] * np.float32([1, -1])[:, None, None]
+        return (np.ascontiguousarray(a), np.ascontiguousarray(b),
+                None if flows is None else np.ascontiguousarray(flows))
 
 
 def heldout_error(model, frames: list, loss: str = "census") -> float:
@@ -345,6 +445,8 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
     from edgeflow.models import CAFFE_MEAN_KEY, PRUNING_KEY, create, spec
     from edgeflow.models import weights as wio
     from edgeflow.models.channels import META_KEY
+    from edgeflow.models.flownet import DIV_FLOW
+    from edgeflow.models.stack import upsample_flow
 
     config = config or AdaptConfig()
     for key, value in knobs.items():
@@ -375,18 +477,22 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
     averaged = [dict(average.named_parameters())[n] for n in trained]
     before = heldout_error(net, held, config.loss)
     opt = torch.optim.Adam(params, lr=config.lr)
-    pairs = _Pairs(train, config.crop, config.skip, np.random.default_rng([config.seed, 0xADA]))
+    gaps = (1, 2) if config.skip and len(train) > 2 else (1,)
+    labels = None if config.proposals == "none" or config.label == 0 else \
+        pseudo_labels(teacher, train, gaps, config.proposals, config.loss_stride, progress)
+    pairs = _Pairs(train, config.crop, gaps, np.random.default_rng([config.seed, 0xADA]), config.loss_stride, labels)
     net.train()
     t0, step = time.monotonic(), 0
     bar = tqdm(total=config.steps, disable=not progress, unit="step", dynamic_ncols=True)
     with bar:
         while step < config.steps and (config.seconds is None or time.monotonic() - t0 < config.seconds):
-            img1, img2 = pairs.batch(config.batch)
+            img1, img2, batch_labels = pairs.batch(config.batch)
             both1, both2 = torch.cat((img1, img2)), torch.cat((img2, img1))
             with torch.no_grad():
                 t_fw, t_bw = teacher(both1, both2).chunk(2)
-            s_fw, s_bw = net(both1, both2).chunk(2)
-            loss, terms = adapt_loss(s_fw, s_bw, t_fw, t_bw, img1, img2, config)
+            pyramid = net.pyramids(both1, both2, train_from=train_from)
+            s_fw, s_bw = upsample_flow(pyramid[0] * DIV_FLOW, 4).chunk(2)  # what net(both1, both2) returns
+            loss, terms = adapt_loss(s_fw, s_bw, t_fw, t_bw, img1, img2, config, pyramid, batch_labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

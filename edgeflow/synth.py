@@ -502,23 +502,26 @@ STYLES = ("chairs", "natural")
 
 
 def generate_pair(rng: np.random.Generator, size: tuple[int, int] = (384, 512), *, photometric: bool = True,
-                  aux: bool = False, style: str = "chairs"):
+                  aux: bool = False, style: str = "chairs", without=()):
     """One pair: (img1, img2 uint8 HxWx3 BGR, flow float32 HxWx2 from img1 to img2).
 
     `style` "chairs" is FlyingChairs-like (this module's notes); "natural" adds photographs,
     1/f textures, bending layers, small motions, a panning camera and camera effects
-    (`edgeflow.synth_natural`). Flow is exact in pixels (u right, v down) for every pixel of
-    img1, occluded or not. `photometric=False` skips the brightness/colour/blur/noise changes
-    (img2 is then img1's layers moved, nothing else). `aux=True` appends a dict: `layers1`,
-    `layers2` (uint8 HxW index of the topmost layer, 0 = background) and `occluded` (bool HxW:
-    the pixel's layer is not what img2 shows at the rounded target, or the target leaves the
-    image).
+    (`edgeflow.synth_natural`; `without` names the ingredients it leaves out). Flow is exact in
+    pixels (u right, v down) for every pixel of img1, occluded or not. `photometric=False` skips
+    the brightness/colour/blur/noise changes (img2 is then img1's layers moved, nothing else).
+    `aux=True` appends a dict: `layers1`, `layers2` (uint8 HxW index of the topmost layer,
+    0 = background) and `occluded` (bool HxW: the pixel's layer is not what img2 shows at the
+    rounded target, or the target leaves the image).
     """
     h, w = int(size[0]), int(size[1])
+    if without and style != "natural":
+        raise InputError(f"synthetic style {style!r} has no ingredients to leave out ({', '.join(without)}); "
+                         f"only the natural style has")
     if style == "natural":
         from edgeflow.synth_natural import natural_pair
 
-        img1, img2, flow, ids1, ids2 = natural_pair(rng, h, w, photometric)
+        img1, img2, flow, ids1, ids2 = natural_pair(rng, h, w, photometric, without)
     elif style == "chairs":
         layers = _scene(rng, h, w)
         poses0 = [layer.pose for layer in layers]

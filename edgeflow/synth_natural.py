@@ -16,7 +16,9 @@ FlyingChairs-like default style:
   signal-dependent shot noise, then the default style's photometric changes (gamma, contrast,
   colour, sensor noise) and JPEG compression of each frame.
 None of these changes the flow, which stays exact as in the default style. Output depends only
-on the generator passed in. Speed: see `edgeflow synth --style natural` (it prints pairs/s).
+on the generator passed in. Each ingredient can be left out (`INGREDIENTS`, the `without`
+argument; `edgeflow train --natural-without`), which is how MODEL_CARD.md measures what each
+does to the trained network. Speed: see `edgeflow synth --style natural` (it prints pairs/s).
 """
 
 from __future__ import annotations
@@ -38,6 +40,21 @@ PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png",
           "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png")
 SPECTRAL = 24  # 1/f textures in their bank
 F32 = np.float32
+# what `without` can leave out: texture sources, motions, optics, atmosphere (fog, vignetting, a
+# change of exposure between the frames), sensor (shot noise and JPEG)
+INGREDIENTS = ("photos", "spectral", "bending", "small-motion", "pan", "blur", "atmosphere", "sensor")
+
+
+def check_without(without) -> frozenset:
+    """`without` as a frozenset of INGREDIENTS; InputError naming an unknown one."""
+    from edgeflow.errors import InputError
+
+    out = frozenset(without)
+    unknown = sorted(out - set(INGREDIENTS))
+    if unknown:
+        raise InputError(f"natural-style ingredient {', '.join(map(repr, unknown))}: expected some of "
+                         f"{', '.join(INGREDIENTS)}")
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -102,10 +119,12 @@ def spectral_bank() -> tuple[np.ndarray, ...]:
     return tuple(_spectral(rng, synth.TEXTURE_SIDE) for _ in range(SPECTRAL))
 
 
-def _source(rng: np.random.Generator) -> np.ndarray:
-    """A texture source: a photograph (1/2), a 1/f texture (1/4) or a default-style texture (1/4)."""
+def _source(rng: np.random.Generator, without: frozenset = frozenset()) -> np.ndarray:
+    """A texture source: a photograph (1/2), a 1/f texture (1/4) or a default-style texture (1/4);
+    a source left out (`without`) passes its share to the default-style textures."""
     u = rng.random()
-    bank = photo_bank() if u < 0.5 else spectral_bank() if u < 0.75 else synth.texture_bank()
+    bank = photo_bank() if u < 0.5 and "photos" not in without else \
+        spectral_bank() if 0.5 <= u < 0.75 and "spectral" not in without else synth.texture_bank()
     img = bank[rng.integers(len(bank))]
     if img.shape[2] == 3 and np.array_equal(img[:, :, 0], img[:, :, 1]) and rng.random() < 0.7:
         tint = rng.uniform(0.55, 1.0, 3)  # a grey photograph, tinted
@@ -140,33 +159,33 @@ def _deformation(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(d, dtype=F32)
 
 
-def _scene(rng: np.random.Generator, h: int, w: int) -> list[synth._Layer]:
+def _scene(rng: np.random.Generator, h: int, w: int, without: frozenset = frozenset()) -> list[synth._Layer]:
     """A natural background and 3-10 foreground layers back to front, a third of them bending."""
     scale = math.sqrt(h * w)
     zoom = max(1.0, max(h, w) / 512)
-    bg_img = np.ascontiguousarray(_crop(rng, _source(rng), 2 * h, 2 * w, (0.8 * zoom, 1.8 * zoom)))
+    bg_img = np.ascontiguousarray(_crop(rng, _source(rng, without), 2 * h, 2 * w, (0.8 * zoom, 1.8 * zoom)))
     pose = np.array([w / 2, h / 2, rng.normal(0, 0.05), 0.0])
     layers = [synth._Layer(bg_img, np.array([w, h], float), np.eye(2), pose)]
     for _ in range(int(rng.integers(3, 11))):
         extent = float(np.exp(rng.uniform(np.log(0.1), np.log(0.6)))) * scale
         aspect = float(np.exp(rng.uniform(-0.7, 0.7)))
         sh, sw = max(int(extent / aspect ** 0.5), 10), max(int(extent * aspect ** 0.5), 10)
-        sprite = np.dstack([_crop(rng, _source(rng), sh, sw, (0.5, 1.6)), synth._mask(rng, sh, sw)])
+        sprite = np.dstack([_crop(rng, _source(rng, without), sh, sw, (0.5, 1.6)), synth._mask(rng, sh, sw)])
         pose = np.array([rng.uniform(-0.1, 1.1) * w, rng.uniform(-0.1, 1.1) * h,
                          rng.uniform(-np.pi, np.pi), rng.uniform(-0.1, 0.1)])
-        deform = _deformation(rng, sh, sw) if rng.random() < 1 / 3 else None
+        deform = _deformation(rng, sh, sw) if rng.random() < 1 / 3 and "bending" not in without else None
         layers.append(synth._Layer(sprite, np.array([sw / 2, sh / 2]), synth._base(rng, 0.25, 0.25), pose,
                                    deform))
     return layers
 
 
-def _motions(rng: np.random.Generator, count: int, w: int) -> list[np.ndarray]:
+def _motions(rng: np.random.Generator, count: int, w: int, without: frozenset = frozenset()) -> list[np.ndarray]:
     """Pose changes of the background and `count` foreground layers (see the module notes)."""
     moves = [synth._motion(rng, w, True)] + [synth._motion(rng, w, False) for _ in range(count)]
-    if rng.random() < 0.5:  # a panning camera: the foreground follows the background, with parallax
+    if rng.random() < 0.5 and "pan" not in without:  # a panning camera: the foreground follows the background, with parallax
         for m in moves[1:]:
             m[:2] += moves[0][:2] * rng.uniform(0.6, 1.4)
-    if rng.random() < 0.25:  # the small-motion regime
+    if rng.random() < 0.25 and "small-motion" not in without:  # the small-motion regime
         k = rng.uniform(0.03, 0.3)
         moves = [m * k for m in moves]
     return moves
@@ -188,48 +207,51 @@ def _line(length: float, angle: float) -> np.ndarray:
     return k / k.sum()
 
 
-def _camera(rng: np.random.Generator, img1: np.ndarray, img2: np.ndarray):
+def _camera(rng: np.random.Generator, img1: np.ndarray, img2: np.ndarray, without: frozenset = frozenset()):
     """Optics, atmosphere and exposure of a real camera, applied to both frames (uint8 BGR)."""
     h, w = img1.shape[:2]
     imgs = [img1.astype(F32), img2.astype(F32)]
-    if rng.random() < 0.15:  # defocus
+    blur, atmosphere, sensor = ("blur" not in without, "atmosphere" not in without, "sensor" not in without)
+    if rng.random() < 0.15 and blur:  # defocus
         k = _disk(rng.uniform(1.0, 3.5))
         imgs = [cv2.filter2D(i, -1, k) for i in imgs]
-    if rng.random() < 0.25:  # motion blur, each frame its own length
+    if rng.random() < 0.25 and blur:  # motion blur, each frame its own length
         a = rng.uniform(0, np.pi)
         imgs = [cv2.filter2D(i, -1, _line(rng.uniform(2, 12), a + rng.normal(0, 0.2))) for i in imgs]
-    if rng.random() < 0.2:  # fog: a smooth transmission field towards a bright airlight
+    if rng.random() < 0.2 and atmosphere:  # fog: a smooth transmission field towards a bright airlight
         depth = cv2.resize(synth._value_noise(rng, h // 8 + 1, w // 8 + 1, 16), (w, h))
         t = np.exp(-rng.uniform(0.2, 1.0) * (0.3 + depth))[:, :, None]
         air = rng.uniform(170, 250) + rng.normal(0, 8, 3)
         imgs = [i * t + air * (1 - t) for i in imgs]
-    if rng.random() < 0.3:  # vignetting
+    if rng.random() < 0.3 and atmosphere:  # vignetting
         y, x = np.ogrid[0:h, 0:w]
         r2 = ((x - w / 2) / (w / 2)) ** 2 + ((y - h / 2) / (h / 2)) ** 2
         v = (1 - rng.uniform(0.1, 0.45) * r2 / 2).astype(F32)[:, :, None]
         imgs = [i * v for i in imgs]
-    if rng.random() < 0.2:  # the exposure or the light changes between the frames
+    if rng.random() < 0.2 and atmosphere:  # the exposure or the light changes between the frames
         imgs[1] = imgs[1] * rng.uniform(0.75, 1.3)
-    if rng.random() < 0.3:  # shot noise: variance grows with the signal
+    if rng.random() < 0.3 and sensor:  # shot noise: variance grows with the signal
         k = rng.uniform(0.2, 0.8)
         imgs = [i + k * np.sqrt(np.clip(i, 0, 255)) * synth._noise(rng, h, w) for i in imgs]
     img1, img2 = (np.clip(i + 0.5, 0, 255).astype(np.uint8) for i in imgs)
     img1, img2 = synth._photometric(rng, img1, img2)
-    if rng.random() < 0.4:  # JPEG, each frame on its own
+    if rng.random() < 0.4 and sensor:  # JPEG, each frame on its own
         img1, img2 = (cv2.imdecode(cv2.imencode(".jpg", i, [cv2.IMWRITE_JPEG_QUALITY,
                                                             int(rng.integers(30, 91))])[1], cv2.IMREAD_COLOR)
                       for i in (img1, img2))
     return img1, img2
 
 
-def natural_pair(rng: np.random.Generator, h: int, w: int, photometric: bool):
-    """(img1, img2 uint8 HxWx3 BGR, flow float32 HxWx2, layer ids 1, layer ids 2) of one pair."""
-    layers = _scene(rng, h, w)
-    moves = _motions(rng, len(layers) - 1, w)
+def natural_pair(rng: np.random.Generator, h: int, w: int, photometric: bool, without=()):
+    """(img1, img2 uint8 HxWx3 BGR, flow float32 HxWx2, layer ids 1, layer ids 2) of one pair,
+    leaving out the INGREDIENTS named in `without`."""
+    without = check_without(without)
+    layers = _scene(rng, h, w, without)
+    moves = _motions(rng, len(layers) - 1, w, without)
     poses0 = [layer.pose for layer in layers]
     poses1 = [p + m for p, m in zip(poses0, moves)]
     img1, ids1, flow = synth._render(layers, poses0, h, w, poses1)
     img2, ids2, _ = synth._render(layers, poses1, h, w, deformed=True)
     if photometric:
-        img1, img2 = _camera(rng, img1, img2)
+        img1, img2 = _camera(rng, img1, img2, without)
     return img1, img2, flow, ids1, ids2

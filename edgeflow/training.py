@@ -48,6 +48,7 @@ class TrainConfig:
     init_from: str | None = "default"  # weights of the frozen earlier stages of a stack
     init: str | None = None  # weights of the whole model at step 0 ("default": the shipped ones), to fine-tune
     natural: float = 0.0  # fraction of training pairs drawn in the natural style (edgeflow.synth_natural)
+    natural_without: tuple = ()  # natural-style ingredients left out of the training pairs (synth_natural.INGREDIENTS)
     device: str = "cpu"  # torch device of the model: "cpu" or "cuda"
     bf16: bool = False  # forward and backward under bfloat16 autocast (weights, optimiser and loss in fp32)
     ema: float = 0.999  # per-step decay of the weight average that is evaluated and shipped
@@ -111,17 +112,18 @@ def _chw(a: np.ndarray) -> torch.Tensor:
 class PairStream(torch.utils.data.IterableDataset):
     """An endless stream of augmented synthetic pairs, seeded per worker.
 
-    Pairs are rendered at `scene` (H, W), a fraction `natural` of them in the natural style, and
-    a random crop is cut from each. Items are
+    Pairs are rendered at `scene` (H, W), a fraction `natural` of them in the natural style
+    without the ingredients `without`, and a random crop is cut from each. Items are
     (img1 [3,H,W] float RGB in [0,1], img2, flow [2,H,W] in pixels). The crop size (H, W) is
     read from `size_value`, a shared array the trainer moves along the curriculum.
     """
 
-    def __init__(self, seed: int, size_value, scene: tuple[int, int], natural: float = 0.0):
+    def __init__(self, seed: int, size_value, scene: tuple[int, int], natural: float = 0.0, without=()):
         self.seed = seed
         self.size_value = size_value
         self.scene = tuple(scene)
         self.natural = natural
+        self.without = tuple(without)
 
     def __iter__(self):
         import cv2
@@ -133,8 +135,9 @@ class PairStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
         while True:
             h, w = self.size_value[:]
-            style = "natural" if self.natural and rng.random() < self.natural else "chairs"
-            img1, img2, flow = generate_pair(rng, self.scene, style=style)
+            natural = self.natural and rng.random() < self.natural
+            img1, img2, flow = generate_pair(rng, self.scene, style="natural" if natural else "chairs",
+                                             without=self.without if natural else ())
             y = int(rng.integers(0, self.scene[0] - h + 1))
             x = int(rng.integers(0, self.scene[1] - w + 1))
             crop = np.s_[y:y + h, x:x + w]
@@ -237,7 +240,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = T
     heldout = heldout_set(config.heldout_pairs, config.heldout_size)
     heldout_natural = heldout_set(config.heldout_pairs, config.heldout_size, style="natural") if config.natural else []
     size_value = mp.get_context("spawn").Array("i", config.size_at(step), lock=False)
-    loader = DataLoader(PairStream(config.seed * 1000 + step, size_value, config.scene, config.natural),
+    loader = DataLoader(PairStream(config.seed * 1000 + step, size_value, config.scene, config.natural,
+                                   config.natural_without),
                         batch_size=config.batch,
                         num_workers=config.workers, persistent_workers=config.workers > 0,
                         prefetch_factor=4 if config.workers else None,

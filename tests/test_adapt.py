@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgeflow.adapt import (AdaptConfig, adapt, heldout_error, masked_mean, occlusion_mask, photometric_distance,
-                            smoothness)
+from edgeflow.adapt import (AdaptConfig, _Pairs, adapt, fuse, heldout_error, masked_mean, occlusion_mask,
+                            photometric_distance, pseudo_labels, smoothness)
 from edgeflow.errors import InputError
 
 SIZE = (128, 160)
@@ -104,6 +104,51 @@ def test_smoothness_is_zero_for_an_affine_flow_and_not_for_a_noisy_one(rng):
     noisy = affine + rng.normal(0, 1, affine.shape).astype(np.float32)
     assert float(smoothness(chw(affine), img)) < 1e-6
     assert float(smoothness(chw(noisy), img)) > 1e-3
+
+
+def shifted_frames(rng, count: int, size=SIZE, step=(3, -2)) -> list:
+    """`count` crops of one texture, the view moved by -`step` (dx, dy) px each time: the flow from
+    frame t to t+1 is `step` everywhere."""
+    h, w = size
+    big = texture(rng, h + 64, w + 64)
+    return [np.ascontiguousarray(big[32 - k * step[1]:32 - k * step[1] + h, 32 - k * step[0]:32 - k * step[0] + w])
+            for k in range(count)]
+
+
+def test_fuse_takes_each_region_from_the_candidate_that_explains_it(rng):
+    a, b = shifted_frames(rng, 2)
+    x1, x2 = rgb(a), rgb(b)
+    true = torch.tensor([3.0, -2.0]).view(1, 2, 1, 1).expand(1, 2, *SIZE)
+    wrong = torch.zeros(1, 2, *SIZE)
+    left = torch.cat([true[..., :80], wrong[..., 80:]], -1)  # right in the left half only
+    right = torch.cat([wrong[..., :80], true[..., 80:]], -1)
+    fused = fuse(x1, x2, [left, right])
+    for cols in (np.s_[12:64], np.s_[96:-12]):  # away from the borders and the seam
+        torch.testing.assert_close(fused[..., 12:-12, cols], true[..., 12:-12, cols])
+
+
+def test_pseudo_labels_of_a_pan_are_the_pan_and_follow_crops_flips_and_swaps(rng):
+    from edgeflow.models import create
+
+    frames = shifted_frames(rng, 4, (128, 192))  # the network's sizes are multiples of 64
+    labels = pseudo_labels(create("flownet2-s").eval(), frames, (1, 2), "dis-medium", 4)
+    assert set(labels) == {(0, 1), (1, 1), (2, 1), (0, 2), (1, 2)}
+    flows = labels[(0, 2)]
+    assert flows.shape == (2, 2, 32, 48) and flows.dtype == np.float32
+    core = np.s_[:, :, 4:-4, 4:-4]
+    want = np.float32([[6 / 4, -4 / 4], [-6 / 4, 4 / 4]])[:, :, None, None]  # gap 2, in px at stride 4
+    assert np.abs(flows - want)[core].max() < 0.1
+    pairs = _Pairs(frames, (64, 64), (1, 2), np.random.default_rng(0), 4, labels)
+    for _ in range(8):  # whatever the crop, flips and order, the forward label maps img1 onto img2
+        img1, img2, both = pairs.batch(2)
+        assert both.shape == (4, 2, 16, 16)
+        import torch.nn.functional as F
+
+        small1, small2 = F.avg_pool2d(img1, 4), F.avg_pool2d(img2, 4)
+        for x1, x2, f in ((small1, small2, both[:2]), (small2, small1, both[2:])):
+            at_label, inside = photometric_distance(x1, x2, f)
+            at_zero, _ = photometric_distance(x1, x2, torch.zeros_like(f))
+            assert float(masked_mean(at_label, inside)) < 0.5 * float(at_zero.mean())
 
 
 def test_adapt_writes_weights_that_load_and_reports_before_and_after(tmp_path):

@@ -210,3 +210,26 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path, capsys):
     assert "--device cuda" in capsys.readouterr().err
     assert main(["train", "flownet2-s", "--out", str(tmp_path / "run"), "--budget-minutes", "0"]) == InputError.exit_code
     assert not (tmp_path / "run").exists()
+
+
+def test_pair_stream_leaves_natural_ingredients_out():
+    import multiprocessing as mp
+
+    size = mp.Array("i", [64, 64], lock=False)
+    streams = [iter(PairStream(5, size, (64, 128), natural=1.0, without=w)) for w in ((), ("atmosphere", "blur"))]
+    pairs = [[next(s) for _ in range(4)] for s in streams]
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(*pairs))
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--natural", "0.5", "--natural-without", "blur,fog"], "--natural-without blur,fog: natural-style ingredient 'fog'"),
+    (["--natural-without", "blur"], "--natural is 0"),
+])
+def test_cli_checks_the_ingredients_it_leaves_out(argv, expect, tmp_path, capsys):
+    from edgeflow.cli import main
+    from edgeflow.errors import InputError
+
+    assert main(["train", "flownet2-s", "--out", str(tmp_path / "run"), *argv]) == InputError.exit_code
+    err = capsys.readouterr().err
+    assert expect in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

@@ -25,6 +25,10 @@ def adapt_cmd(
     lr: float = typer.Option(2e-5, "--lr", help="Adam learning rate."),
     loss: str = typer.Option("census", "--loss", help="Photometric loss: census or ssim (SSIM + L1)."),
     distill: float = typer.Option(0.005, "--distill", help="Weight of the pull towards the starting network."),
+    proposals: str = typer.Option("dis-medium", "--proposals",
+                                  help="Classical flow fused with the network's into pseudo-labels: dis-medium, "
+                                       "dis-fast, or none (photometric loss only)."),
+    label: float = typer.Option(0.05, "--label", help="Weight of the pull towards the pseudo-labels."),
     holdout: float = typer.Option(0.2, "--holdout", help="Share of the footage (its end) held back for the report."),
     max_frames: int = typer.Option(600, "--max-frames", help="Frames read from the source."),
     no_skip: bool = typer.Option(False, "--no-skip", help="Consecutive pairs only (no pairs one frame apart)."),
@@ -39,6 +43,6 @@ def adapt_cmd(
 
     result = adapt(model, frames, out, weights=weights, steps=steps, seconds=seconds, batch=batch,
                    crop=parse_size(crop, "--crop"), size=parse_size(size) if size else None, lr=lr, loss=loss,
-                   distill=distill, holdout=holdout, max_frames=max_frames, skip=not no_skip, seed=seed,
+                   distill=distill, proposals=proposals, label=label, holdout=holdout, max_frames=max_frames, skip=not no_skip, seed=seed,
                    progress=not json_out)
     typer.echo(json.dumps(result.to_dict(), indent=1) if json_out else result.format())

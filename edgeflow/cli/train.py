@@ -43,6 +43,9 @@ def train_cmd(
                              help="Start from these weights (a file, or 'default': the shipped ones) to fine-tune."),
     natural: float = typer.Option(0.0, "--natural",
                                   help="Fraction of pairs in the natural style (photographs, camera effects)."),
+    natural_without: str = typer.Option("", "--natural-without", metavar="A,B",
+                                        help="Natural-style ingredients to leave out: photos, spectral, bending, "
+                                             "small-motion, pan, blur, atmosphere, sensor."),
     device: str = typer.Option("cpu", "--device", help="Train on cpu or cuda (an NVIDIA GPU)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the forward and backward passes."),
     budget_minutes: float = typer.Option(None, "--budget-minutes",
@@ -63,6 +66,17 @@ def train_cmd(
     spec(model)
     if not 0.0 <= natural <= 1.0:
         raise InputError(f"--natural {natural}: expected a fraction between 0 and 1")
+    without = tuple(sorted(v.strip() for v in natural_without.split(",") if v.strip()))
+    if without:
+        from edgeflow.synth_natural import check_without
+
+        try:
+            check_without(without)
+        except InputError as e:
+            raise InputError(f"--natural-without {natural_without}: {e}") from None
+        if not natural:
+            raise InputError(f"--natural-without {natural_without}: leaves ingredients out of natural-style pairs, "
+                             f"but --natural is 0 (no such pairs)")
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device {device!r}: expected cpu or cuda")
     if device == "cuda":
@@ -75,7 +89,8 @@ def train_cmd(
             raise InputError(f"{flag} {value}: expected a positive number of minutes")
     config = TrainConfig(model=model, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay,
                          curriculum=parse_curriculum(curriculum), scene=parse_size(scene, "--scene"), seed=seed,
-                         workers=workers, eval_every=eval_every, init=init, natural=natural, device=device, bf16=bf16)
+                         workers=workers, eval_every=eval_every, init=init, natural=natural,
+                         natural_without=without, device=device, bf16=bf16)
     minutes = {"budget_s": budget_minutes, "checkpoint_s": checkpoint_minutes}
     last = train(config, out, **{k: v * 60 for k, v in minutes.items() if v is not None})
     typer.echo(json.dumps(last))
