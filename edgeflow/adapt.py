@@ -53,7 +53,7 @@ class AdaptConfig:
     seconds: float | None = None  # wall-clock budget of the optimisation, None: none
     batch: int = 2  # frame pairs per step
     crop: tuple = (256, 320)  # training crop (H, W), multiples of 64; cut down to the frame size
-    lr: float = 2e-5  # Adam, constant
+    lr: float = 5e-5  # Adam, constant
     loss: str = "census"  # photometric term: "census" or "ssim" (0.85 SSIM + 0.15 L1)
     loss_stride: int = 4  # images and flows averaged over 4x4 blocks for the loss: the resolution of the
     #                       net's flow, and sensor noise averaged away (a stride of 2 trained worse)

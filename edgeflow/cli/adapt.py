@@ -22,7 +22,7 @@ def adapt_cmd(
     crop: str = typer.Option("256x320", "--crop", help="HxW training crop, multiples of 64."),
     size: str = typer.Option(None, "--size", help="HxW the frames are resized to, multiples of 64 "
                                                   "(default: their size rounded up)."),
-    lr: float = typer.Option(2e-5, "--lr", help="Adam learning rate."),
+    lr: float = typer.Option(5e-5, "--lr", help="Adam learning rate."),
     loss: str = typer.Option("census", "--loss", help="Photometric loss: census or ssim (SSIM + L1)."),
     distill: float = typer.Option(0.005, "--distill", help="Weight of the pull towards the starting network."),
     proposals: str = typer.Option("dis-medium", "--proposals",
