@@ -14,12 +14,15 @@ Pseudo-labels (`proposals`): before training, every training pair gets a label f
 directions, fused per pixel from the starting network's flow and a classical method's (OpenCV
 DIS) by whichever has the lower census distance over a 15x15 window where the fused forward and
 backward labels agree (the same forward-backward check), and the starting network's flow where
-they do not. FlowNet's multi-scale loss pulls the network towards them. The photometric objective alone is a weak signal on blurred or hazy
-footage (MODEL_CARD.md); a per-pixel choice between two flows by that same objective is a
-strong one, and the network learns from it to beat both on new frames. The loss runs at a quarter of the
-resolution (the resolution of the network's flow; sensor noise averages out). Random crops, flips
-and order swaps; a running average of the weights is what gets written. The last part of the footage (`holdout`) is never trained on: the photometric error on its
-pairs, before and after, is the report. Stacks train their last stage only, as in training.
+they do not. FlowNet's multi-scale loss pulls the network towards them. The photometric loss
+alone is a weak signal on blurred or hazy footage; a per-pixel choice between two flows by that
+same distance is a stronger one (MODEL_CARD.md "edgeflow adapt" has what each gains).
+
+The loss runs at a quarter of the resolution (the resolution of the network's flow; sensor noise
+averages out). Random crops, flips and order swaps; a running average of the weights is what
+gets written. The last part of the footage (`holdout`) is never trained on: the photometric
+error on its pairs, before and after, is the report. Stacks train their last stage only, as in
+training.
 
 The frames are read up front (`read_footage`) and every argument is checked before any work
 starts; the weights are written atomically at the end, in the edgeflow weight-file format

@@ -182,7 +182,7 @@ def _scene(rng: np.random.Generator, h: int, w: int, without: frozenset = frozen
 def _motions(rng: np.random.Generator, count: int, w: int, without: frozenset = frozenset()) -> list[np.ndarray]:
     """Pose changes of the background and `count` foreground layers (see the module notes)."""
     moves = [synth._motion(rng, w, True)] + [synth._motion(rng, w, False) for _ in range(count)]
-    if rng.random() < 0.5 and "pan" not in without:  # a panning camera: the foreground follows the background, with parallax
+    if rng.random() < 0.5 and "pan" not in without:  # a panning camera: the foreground follows, with parallax
         for m in moves[1:]:
             m[:2] += moves[0][:2] * rng.uniform(0.6, 1.4)
     if rng.random() < 0.25 and "small-motion" not in without:  # the small-motion regime

@@ -222,7 +222,8 @@ def test_pair_stream_leaves_natural_ingredients_out():
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["--natural", "0.5", "--natural-without", "blur,fog"], "--natural-without blur,fog: natural-style ingredient 'fog'"),
+    (["--natural", "0.5", "--natural-without", "blur,fog"],
+     "--natural-without blur,fog: natural-style ingredient 'fog'"),
     (["--natural-without", "blur"], "--natural is 0"),
 ])
 def test_cli_checks_the_ingredients_it_leaves_out(argv, expect, tmp_path, capsys):

@@ -43,6 +43,7 @@ def adapt_cmd(
 
     result = adapt(model, frames, out, weights=weights, steps=steps, seconds=seconds, batch=batch,
                    crop=parse_size(crop, "--crop"), size=parse_size(size) if size else None, lr=lr, loss=loss,
-                   distill=distill, proposals=proposals, label=label, holdout=holdout, max_frames=max_frames, skip=not no_skip, seed=seed,
+                   distill=distill, proposals=proposals, label=label, holdout=holdout, max_frames=max_frames,
+                   skip=not no_skip, seed=seed,
                    progress=not json_out)
     typer.echo(json.dumps(result.to_dict(), indent=1) if json_out else result.format())
