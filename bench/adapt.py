@@ -5,8 +5,8 @@ the clip's exact ground truth (which adapt never sees), and on ../shared/realflo
 
 The clip is `edgeflow.synth.video_frames` (a continuous scene; its background pans) without the
 generator's own photometric changes, then fogged, blurred and colour-cast, identically in every
-frame (row-dependent haze, Gaussian blur, per-channel gains, a little sensor noise), so the ground
-truth flow is unchanged. `adapt` trains on the first 80 % of the frames; the EPE of consecutive
+frame (row-dependent haze, Gaussian blur, per-channel gains, a little sensor noise; `--blur`,
+`--haze` and `--noise` set how strong), so the ground truth flow is unchanged. `adapt` trains on the first 80 % of the frames; the EPE of consecutive
 pairs of the last 20 % is measured before (the starting weights) and after, with OpenCV
 DIS-medium on the same pairs as the peer. Then `edgeflow.evaluate` on ../shared/realflow with
 the starting and the adapted weights (evaluation data: never adapted on).
@@ -29,18 +29,19 @@ REALFLOW = ROOT.parent / "shared" / "realflow"
 BLUR, FOG, NOISE = 1.0, (0.35, 0.6), 0.7  # Gaussian sigma (px), haze density bottom..top, noise sigma
 
 
-def new_domain(img: np.ndarray, noise: np.random.Generator) -> np.ndarray:
+def new_domain(img: np.ndarray, noise: np.random.Generator, blur: float = BLUR, fog=FOG,
+               sigma: float = NOISE) -> np.ndarray:
     """Haze (denser towards the top), blur, a warm colour cast and sensor noise: the same change in
     every frame but the noise, so the flow stays what the generator says."""
     h = img.shape[0]
-    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), BLUR)
-    density = np.linspace(FOG[1], FOG[0], h, dtype=np.float32)[:, None, None]
+    f = cv2.GaussianBlur(img.astype(np.float32), (0, 0), blur)
+    density = np.linspace(fog[1], fog[0], h, dtype=np.float32)[:, None, None]
     f = f * (1 - density) + np.float32([205, 200, 185]) * density
-    f = f * np.float32([0.78, 1.0, 1.18]) + noise.normal(0, NOISE, f.shape).astype(np.float32)
+    f = f * np.float32([0.78, 1.0, 1.18]) + noise.normal(0, sigma, f.shape).astype(np.float32)
     return np.clip(f + 0.5, 0, 255).astype(np.uint8)
 
 
-def make_clip(out_dir: Path, count: int, size: tuple[int, int], seed: int):
+def make_clip(out_dir: Path, count: int, size: tuple[int, int], seed: int, domain: dict | None = None):
     """Write the clip's frames as PNGs; returns (frames, flows, the frames before the domain change)
     with flows[t] from frame t to t+1."""
     from edgeflow.synth import video_frames
@@ -49,7 +50,7 @@ def make_clip(out_dir: Path, count: int, size: tuple[int, int], seed: int):
     frames, flows, clean = [], [], []
     for n, (img, flow) in enumerate(video_frames(np.random.default_rng(seed), count, size, photometric=False)):
         clean.append(img)
-        img = new_domain(img, noise)
+        img = new_domain(img, noise, **(domain or {}))
         cv2.imwrite(str(out_dir / f"frame_{n:04d}.png"), img)
         frames.append(img)
         flows.append(flow)
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="384x512", help="HxW of the clip")
     p.add_argument("--seed", type=int, default=11, help="seed of the clip")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--blur", type=float, default=BLUR, help="Gaussian blur sigma (px) of the new domain")
+    p.add_argument("--haze", default=f"{FOG[0]},{FOG[1]}", help="haze density at the bottom,top")
+    p.add_argument("--noise", type=float, default=NOISE, help="sensor noise sigma (0..255 scale)")
     p.add_argument("--seconds", type=float, default=None, help="time budget of the adaptation")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=None)
@@ -99,10 +103,12 @@ def main(argv=None) -> int:
     report = {"command": "bench/adapt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        frames, flows, clean = make_clip(Path(tmp), args.frames, (h, w), args.seed)
+        fog = tuple(float(v) for v in args.haze.split(","))
+        frames, flows, clean = make_clip(Path(tmp), args.frames, (h, w), args.seed,
+                                         {"blur": args.blur, "fog": fog, "sigma": args.noise})
         speed = float(np.mean([np.hypot(*f.transpose(2, 0, 1)).mean() for f in flows[:-1]]))
         report["clip"] = {"frames": args.frames, "size": [h, w], "seed": args.seed, "mean_speed_px": speed,
-                          "blur_sigma": BLUR, "haze": FOG, "noise_sigma": NOISE, "seconds": round(time.time() - t0, 1)}
+                          "blur_sigma": args.blur, "haze": fog, "noise_sigma": args.noise, "seconds": round(time.time() - t0, 1)}
         result = adapt(args.model, tmp, args.out, steps=args.steps, seconds=args.seconds, batch=args.batch,
                        progress=not args.json, **knobs)
     held = slice(result.train_frames, None)
