@@ -41,23 +41,10 @@ def register_sdot() -> str:
     from tvm import s_tir
     from tvm.script import tirx as T
 
-    try:
-        s_tir.TensorIntrin.get(SDOT_INTRIN)
-        return SDOT_INTRIN
-    except Exception:  # noqa: BLE001 - not registered yet (TVM raises a plain TVMError)
-        pass
+    from edgeflow.compile import dot_16x4
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    if dot_16x4.registered(SDOT_INTRIN):
+        return SDOT_INTRIN
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -71,5 +58,5 @@ def register_sdot() -> str:
                     T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
                     C.vload([j * 4], dtype="int32x4"), B.vload([j * 4, 0], dtype="int8x16"), a, dtype="int32x4")
 
-    s_tir.TensorIntrin.register(SDOT_INTRIN, desc, impl)
+    s_tir.TensorIntrin.register(SDOT_INTRIN, dot_16x4.desc("int8"), impl)
     return SDOT_INTRIN

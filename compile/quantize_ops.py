@@ -59,24 +59,10 @@ def register_vnni() -> str:
     from tvm import s_tir
     from tvm.script import tirx as T
 
-    try:
-        s_tir.TensorIntrin.get(VNNI_INTRIN)
-        return VNNI_INTRIN
-    except Exception:  # noqa: BLE001 - not registered yet (TVM raises a plain TVMError)
-        pass
+    from edgeflow.compile import dot_16x4
 
-    # the description of tvm.s_tir.tensor_intrin.x86 (importing that package takes a minute)
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    if dot_16x4.registered(VNNI_INTRIN):
+        return VNNI_INTRIN
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -90,7 +76,7 @@ def register_vnni() -> str:
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 C.vload([0], dtype="int32x16"), a_u8, B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
-    s_tir.TensorIntrin.register(VNNI_INTRIN, desc, impl)
+    s_tir.TensorIntrin.register(VNNI_INTRIN, dot_16x4.desc("uint8"), impl)
     return VNNI_INTRIN
 
 
