@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=60, help="frames in the clip")
     p.add_argument("--size", default="384x512", help="HxW of the clip")
     p.add_argument("--seed", type=int, default=11, help="seed of the clip")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: adapt's)")
     p.add_argument("--blur", type=float, default=BLUR, help="Gaussian blur sigma (px) of the new domain")
     p.add_argument("--haze", default=f"{FOG[0]},{FOG[1]}", help="haze density at the bottom,top")
     p.add_argument("--noise", type=float, default=NOISE, help="sensor noise sigma (0..255 scale)")
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--proposals", default=None, help="dis-medium, dis-fast or none (photometric only)")
     p.add_argument("--label", type=float, default=None, help="weight of the pseudo-label term")
     p.add_argument("--photo", type=float, default=None, help="weight of the photometric term")
+    p.add_argument("--replay", type=int, default=None, help="generated pairs with exact flow per step")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(ROOT / "out" / "bench" / "adapted.pt"))
     p.add_argument("--no-realflow", action="store_true", help="skip ../shared/realflow")
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
-    knobs = {k: getattr(args, k) for k in ("lr", "distill", "smooth", "loss", "proposals", "label", "photo") if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in ("steps", "lr", "distill", "smooth", "loss", "proposals", "label", "photo",
+                                           "replay") if getattr(args, k) is not None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = {"command": "bench/adapt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
         speed = float(np.mean([np.hypot(*f.transpose(2, 0, 1)).mean() for f in flows[:-1]]))
         report["clip"] = {"frames": args.frames, "size": [h, w], "seed": args.seed, "mean_speed_px": speed,
                           "blur_sigma": args.blur, "haze": fog, "noise_sigma": args.noise, "seconds": round(time.time() - t0, 1)}
-        result = adapt(args.model, tmp, args.out, steps=args.steps, seconds=args.seconds, batch=args.batch,
+        result = adapt(args.model, tmp, args.out, seconds=args.seconds, batch=args.batch,
                        progress=not args.json, **knobs)
     held = slice(result.train_frames, None)
     before = model_flow(create(args.model))

@@ -18,6 +18,10 @@ they do not. FlowNet's multi-scale loss pulls the network towards them. The phot
 alone is a weak signal on blurred or hazy footage; a per-pixel choice between two flows by that
 same distance is a stronger one (MODEL_CARD.md "edgeflow adapt" has what each gains).
 
+Replay (`replay`): every step also trains on generated pairs with exact flow, the data the
+shipped weights learnt from. Without it, the thousands of steps it takes to learn the footage's
+scene also unlearn other footage (Middlebury +47 % after 1500 steps on a hazed, blurred clip).
+
 The loss runs at a quarter of the resolution (the resolution of the network's flow; sensor noise
 averages out). Random crops, flips and order swaps; a running average of the weights is what
 gets written. The last part of the footage (`holdout`) is never trained on: the photometric
@@ -52,11 +56,11 @@ FUSE_WINDOW = 15  # px: side of the box the census distances of the candidates a
 class AdaptConfig:
     """Knobs of `adapt` (all recorded in the weight file's meta)."""
 
-    steps: int = 300  # optimiser steps (the run also stops when `seconds` have passed)
+    steps: int = 2500  # optimiser steps (the run also stops when `seconds` have passed)
     seconds: float | None = None  # wall-clock budget of the optimisation, None: none
     batch: int = 2  # frame pairs per step
     crop: tuple = (256, 320)  # training crop (H, W), multiples of 64; cut down to the frame size
-    lr: float = 5e-5  # Adam, constant
+    lr: float = 1e-4  # Adam, constant
     loss: str = "census"  # photometric term: "census" or "ssim" (0.85 SSIM + 0.15 L1)
     loss_stride: int = 4  # images and flows averaged over 4x4 blocks for the loss: the resolution of the
     #                       net's flow, and sensor noise averaged away (a stride of 2 trained worse)
@@ -65,6 +69,9 @@ class AdaptConfig:
     distill: float = 0.005  # weight of the distillation to the starting network (Charbonnier, pixels)
     proposals: str = "dis-medium"  # classical flow fused with the starting net's into pseudo-labels; "none"
     label: float = 1.0  # weight of the pull towards the pseudo-labels (multi-scale EPE, pixels)
+    replay: int = 4  # generated pairs with exact flow in each step (the shipped weights' training data,
+    #                  `edgeflow.synth` chairs style; multi-scale EPE, each pair weighing as much as one
+    #                  direction of a footage pair's labels): what holds the net on other footage; 0: none
     skip: bool = True  # also pairs one frame apart (t, t+2)
     holdout: float = 0.2  # share of the footage (its end) held back for the report
     max_frames: int = 600  # frames read from the source (live sources never end)
@@ -92,6 +99,8 @@ class AdaptConfig:
         if min(self.photo, self.smooth, self.distill, self.label) < 0:
             raise InputError(f"photo={self.photo}, smooth={self.smooth}, distill={self.distill}, label={self.label}: "
                              f"weights cannot be negative")
+        if self.replay < 0:
+            raise InputError(f"replay={self.replay}: expected a count of generated pairs per step (0: none)")
         if self.proposals not in PROPOSALS:
             raise InputError(f"proposals={self.proposals!r}: expected one of {', '.join(PROPOSALS)}")
         if not 0 < self.holdout < 1:
@@ -245,15 +254,20 @@ def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: Ada
         smooth = smooth + smoothness(flows[k] * stride, firsts[k])  # in full-resolution pixels
         distill = distill + _charbonnier((flows[k] - teachers[k]) * stride).mean()
     if labels is not None:  # both directions at once
-        from edgeflow.models.flownet import DIV_FLOW
-        from edgeflow.training import LOSS_WEIGHTS, multiscale_loss
-
-        flow2 = pyramid[0]
-        label = 2 * multiscale_loss(pyramid, labels * stride) * DIV_FLOW / (
-            LOSS_WEIGHTS[0] * flow2.shape[2] * flow2.shape[3])
+        label = 2 * supervised_loss(pyramid, labels * stride)
     loss = config.photo * photo + config.smooth * smooth + config.distill * distill + config.label * label
     terms = {"photo": photo, "smooth": smooth, "distill": distill} | ({"label": label} if labels is not None else {})
     return loss, {k: float(v.detach()) / 2 for k, v in terms.items()}
+
+
+def supervised_loss(pyramid, flow):
+    """FlowNet's multi-scale loss (`training.multiscale_loss`) of the pyramid [flow2..flow6] against
+    `flow` [B,2,H,W] (pixels), normalised to the mean EPE in pixels of flow2 per pair."""
+    from edgeflow.models.flownet import DIV_FLOW
+    from edgeflow.training import LOSS_WEIGHTS, multiscale_loss
+
+    flow2 = pyramid[0]
+    return multiscale_loss(pyramid, flow) * DIV_FLOW / (LOSS_WEIGHTS[0] * flow2.shape[2] * flow2.shape[3])
 
 
 def _charbonnier(diff):
@@ -410,6 +424,26 @@ class _Pairs:
                 None if flows is None else np.ascontiguousarray(flows))
 
 
+class _Replay:
+    """Generated pairs with exact flow, as the shipped weights were trained on (`training.PairStream`,
+    chairs style, rendered at 384x512 and cropped), drawn from a seed of their own."""
+
+    SCENE = (384, 512)
+    SEED = 10_000_000  # + the adapt seed: disjoint from training's and the held-out set's draws
+
+    def __init__(self, crop: tuple, seed: int):
+        from edgeflow.training import PairStream
+
+        size = [min(c, s) for c, s in zip(crop, self.SCENE)]
+        self.stream = iter(PairStream(self.SEED + seed, size, self.SCENE))
+
+    def batch(self, n: int):
+        """(img1, img2 [n,3,h,w] RGB in [0,1], flow [n,2,h,w] in pixels)."""
+        import torch
+
+        return tuple(torch.stack(t) for t in zip(*(next(self.stream) for _ in range(n))))
+
+
 def heldout_error(model, frames: list, loss: str = "census") -> float:
     """Mean photometric distance of consecutive pairs of `frames` (at the network size) warped by
     `model`'s flow, over the pixels whose flow stays in the image (no occlusion mask, so that a
@@ -484,6 +518,7 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
     labels = None if config.proposals == "none" or config.label == 0 else \
         pseudo_labels(teacher, train, gaps, config.proposals, config.loss_stride, progress)
     pairs = _Pairs(train, config.crop, gaps, np.random.default_rng([config.seed, 0xADA]), config.loss_stride, labels)
+    replay = _Replay(config.crop, config.seed) if config.replay else None
     net.train()
     t0, step = time.monotonic(), 0
     bar = tqdm(total=config.steps, disable=not progress, unit="step", dynamic_ncols=True)
@@ -496,6 +531,11 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
             pyramid = net.pyramids(both1, both2, train_from=train_from)
             s_fw, s_bw = upsample_flow(pyramid[0] * DIV_FLOW, 4).chunk(2)  # what net(both1, both2) returns
             loss, terms = adapt_loss(s_fw, s_bw, t_fw, t_bw, img1, img2, config, pyramid, batch_labels)
+            if replay is not None:
+                r1, r2, r_flow = replay.batch(config.replay)
+                kept = supervised_loss(net.pyramids(r1, r2, train_from=train_from), r_flow)
+                kept = kept * config.replay / config.batch  # each pair weighs as one direction of a footage pair
+                loss, terms["replay"] = loss + kept, float(kept.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

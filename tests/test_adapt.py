@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeflow.adapt import (AdaptConfig, _Pairs, adapt, fuse, heldout_error, masked_mean, occlusion_mask,
+from edgeflow.adapt import (AdaptConfig, _Pairs, _Replay, adapt, fuse, heldout_error, masked_mean, occlusion_mask,
                             photometric_distance, pseudo_labels, smoothness)
 from edgeflow.errors import InputError
 
@@ -249,8 +249,24 @@ def test_bad_input_is_one_line_exit_3_and_writes_nothing(case, tmp_path, capsys)
 def test_bad_knobs_are_input_errors_naming_the_parameter(tmp_path):
     frames = write_frames(tmp_path / "frames", 6)
     for knobs, name in [({"steps": 0}, "steps="), ({"crop": (100, 128)}, "crop="), ({"loss": "l2"}, "loss="),
-                        ({"holdout": 1.0}, "holdout="), ({"warmup": 3}, "warmup=")]:
+                        ({"holdout": 1.0}, "holdout="), ({"replay": -1}, "replay="), ({"warmup": 3}, "warmup=")]:
         with pytest.raises(InputError, match=name):
             adapt("flownet2-s", frames, tmp_path / "a.pt", progress=False, **knobs)
     assert not (tmp_path / "a.pt").exists()
     AdaptConfig().check()
+
+
+def test_replay_pairs_carry_their_exact_flow():
+    """The generated pairs that hold the net: crops of the requested size whose flow warps the
+    second image onto the first (census distance well below zero or reversed flow's; the pairs
+    carry brightness changes, blur and noise), the same for the same seed."""
+    img1, img2, flow = _Replay((64, 128), seed=0).batch(3)
+    assert img1.shape == img2.shape == (3, 3, 64, 128) and flow.shape == (3, 2, 64, 128)
+    assert float(flow.abs().mean()) > 0.5  # the pairs move
+    exact, inside = photometric_distance(img1, img2, flow)
+    for wrong in (torch.zeros_like(flow), -flow):
+        dist, _ = photometric_distance(img1, img2, wrong)
+        assert float(masked_mean(exact, inside)) < 0.8 * float(masked_mean(dist, inside))
+    again = _Replay((64, 128), seed=0).batch(3)
+    assert all(torch.equal(a, b) for a, b in zip(again, (img1, img2, flow)))
+    assert _Replay((448, 640), seed=1).batch(1)[0].shape[2:] == (384, 512)  # cut to the render size
