@@ -426,16 +426,15 @@ class _Pairs:
 
 class _Replay:
     """Generated pairs with exact flow, as the shipped weights were trained on (`training.PairStream`,
-    chairs style, rendered at 384x512 and cropped), drawn from a seed of their own."""
+    chairs style, rendered at training's scene size and cropped), drawn from a seed of their own."""
 
-    SCENE = (384, 512)
     SEED = 10_000_000  # + the adapt seed: disjoint from training's and the held-out set's draws
 
     def __init__(self, crop: tuple, seed: int):
-        from edgeflow.training import PairStream
+        from edgeflow.training import PairStream, TrainConfig
 
-        size = [min(c, s) for c, s in zip(crop, self.SCENE)]
-        self.stream = iter(PairStream(self.SEED + seed, size, self.SCENE))
+        scene = TrainConfig.scene
+        self.stream = iter(PairStream(self.SEED + seed, [min(c, s) for c, s in zip(crop, scene)], scene))
 
     def batch(self, n: int):
         """(img1, img2 [n,3,h,w] RGB in [0,1], flow [n,2,h,w] in pixels)."""
