@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="time budget of the adaptation")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr-decay", action=argparse.BooleanOptionalAction, default=None,
+                   help="halve the lr at 60, 80 and 90 %% of the run (default: adapt's)")
+    p.add_argument("--ema", type=float, default=None, help="decay of the weight average that is written")
     p.add_argument("--distill", type=float, default=None)
     p.add_argument("--smooth", type=float, default=None)
     p.add_argument("--loss", default=None)
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     cv2.setNumThreads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
     knobs = {k: getattr(args, k) for k in ("steps", "lr", "distill", "smooth", "loss", "proposals", "label", "photo",
-                                           "replay") if getattr(args, k) is not None}
+                                           "replay", "lr_decay", "ema") if getattr(args, k) is not None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = {"command": "bench/adapt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as tmp:

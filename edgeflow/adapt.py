@@ -60,7 +60,9 @@ class AdaptConfig:
     seconds: float | None = None  # wall-clock budget of the optimisation, None: none
     batch: int = 2  # frame pairs per step
     crop: tuple = (256, 320)  # training crop (H, W), multiples of 64; cut down to the frame size
-    lr: float = 1e-4  # Adam, constant
+    lr: float = 1e-4  # Adam
+    lr_decay: bool = True  # halve the learning rate at 60 %, 80 % and 90 % of the run (of the steps or of
+    #                        `seconds`, whichever ends it first), as training does; False: constant
     loss: str = "census"  # photometric term: "census" or "ssim" (0.85 SSIM + 0.15 L1)
     loss_stride: int = 4  # images and flows averaged over 4x4 blocks for the loss: the resolution of the
     #                       net's flow, and sensor noise averaged away (a stride of 2 trained worse)
@@ -78,6 +80,15 @@ class AdaptConfig:
     size: tuple | None = None  # network size (H, W) the frames are resized to; None: next multiples of 64
     ema: float = 0.98  # decay of the weight average that is written (about the last 50 steps); 0: none
     seed: int = 0
+
+    def lr_at(self, step: int, elapsed: float) -> float:
+        """Adam learning rate of optimiser step `step` (0-based), `elapsed` seconds into the run."""
+        from edgeflow.training import step_decay
+
+        if not self.lr_decay:
+            return self.lr
+        done = step / self.steps if self.seconds is None else max(step / self.steps, elapsed / self.seconds)
+        return step_decay(self.lr, done)
 
     def check(self) -> None:
         """InputError (naming the parameter) for a value `adapt` cannot use."""
@@ -483,6 +494,7 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
     from edgeflow.models.channels import META_KEY
     from edgeflow.models.flownet import DIV_FLOW
     from edgeflow.models.stack import upsample_flow
+    from edgeflow.training import ema_ramp
 
     config = config or AdaptConfig()
     for key, value in knobs.items():
@@ -523,6 +535,8 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
     bar = tqdm(total=config.steps, disable=not progress, unit="step", dynamic_ncols=True)
     with bar:
         while step < config.steps and (config.seconds is None or time.monotonic() - t0 < config.seconds):
+            for g in opt.param_groups:
+                g["lr"] = config.lr_at(step, time.monotonic() - t0)
             img1, img2, batch_labels = pairs.batch(config.batch)
             both1, both2 = torch.cat((img1, img2)), torch.cat((img2, img1))
             with torch.no_grad():
@@ -538,7 +552,7 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            torch._foreach_lerp_(averaged, params, 1 - min(config.ema, (1 + step) / (10 + step)))
+            torch._foreach_lerp_(averaged, params, 1 - ema_ramp(config.ema, step))
             step += 1
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})

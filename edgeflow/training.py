@@ -69,13 +69,24 @@ class TrainConfig:
         return tuple(size)
 
     def lr_at(self, step: int) -> float:
-        """Adam learning rate: halved at 60 %, 80 % and 90 % of the steps."""
-        return self.lr * 0.5 ** sum(step >= f * self.steps for f in (0.6, 0.8, 0.9))
+        """Adam learning rate of step `step` (`step_decay`)."""
+        return step_decay(self.lr, step / self.steps)
 
     def ema_at(self, step: int) -> float:
-        """Decay of the weight average after optimiser step `step` (0-based): ramps up from 0.1
-        so the first steps do not hold the average at the initialisation."""
-        return min(self.ema, (1 + step) / (10 + step))
+        """Decay of the weight average after step `step` (`ema_ramp`)."""
+        return ema_ramp(self.ema, step)
+
+
+def step_decay(lr: float, done: float) -> float:
+    """Adam learning rate once the share `done` (0..1) of a run is done: `lr`, halved at 60 %, 80 %
+    and 90 %."""
+    return lr * 0.5 ** sum(done >= f for f in (0.6, 0.8, 0.9))
+
+
+def ema_ramp(ema: float, step: int) -> float:
+    """Decay of a weight average after optimiser step `step` (0-based): `ema`, ramped up from 0.1
+    so the first steps do not hold the average at the initialisation."""
+    return min(ema, (1 + step) / (10 + step))
 
 
 def heldout_set(count: int, size: tuple[int, int], seed: int = 987654, style: str = "chairs"):

@@ -270,3 +270,11 @@ def test_replay_pairs_carry_their_exact_flow():
     again = _Replay((64, 128), seed=0).batch(3)
     assert all(torch.equal(a, b) for a, b in zip(again, (img1, img2, flow)))
     assert _Replay((448, 640), seed=1).batch(1)[0].shape[2:] == (384, 512)  # cut to the render size
+
+
+def test_learning_rate_halves_at_60_80_90_percent_of_the_steps_or_of_the_time_budget():
+    c = AdaptConfig(steps=100, lr=1e-4)
+    assert [c.lr_at(s, 0.0) for s in (0, 59, 60, 80, 99)] == [1e-4, 1e-4, 5e-5, 2.5e-5, 1.25e-5]
+    timed = AdaptConfig(steps=100, seconds=10.0, lr=1e-4)  # whichever of the two ends the run first
+    assert timed.lr_at(10, 6.0) == 5e-5 and timed.lr_at(85, 1.0) == 2.5e-5
+    assert AdaptConfig(steps=100, lr=1e-4, lr_decay=False).lr_at(99, 0.0) == 1e-4

@@ -27,6 +27,8 @@ def adapt_cmd(
     size: str = typer.Option(None, "--size", help="HxW the frames are resized to, multiples of 64 "
                                                   "(default: their size rounded up)."),
     lr: float = typer.Option(D.lr, "--lr", help="Adam learning rate."),
+    lr_decay: bool = typer.Option(D.lr_decay, "--lr-decay/--constant-lr",
+                                  help="Halve the learning rate at 60, 80 and 90 % of the steps or of --time."),
     loss: str = typer.Option(D.loss, "--loss", help="Photometric loss: census or ssim (SSIM + L1)."),
     distill: float = typer.Option(D.distill, "--distill", help="Weight of the pull towards the starting network."),
     proposals: str = typer.Option(D.proposals, "--proposals",
@@ -50,7 +52,7 @@ def adapt_cmd(
     from edgeflow.cli.options import parse_size
 
     result = adapt(model, frames, out, weights=weights, steps=steps, seconds=seconds, batch=batch,
-                   crop=parse_size(crop, "--crop"), size=parse_size(size) if size else None, lr=lr, loss=loss,
-                   distill=distill, proposals=proposals, label=label, replay=replay, holdout=holdout,
-                   max_frames=max_frames, skip=not no_skip, seed=seed, progress=not json_out)
+                   crop=parse_size(crop, "--crop"), size=parse_size(size) if size else None, lr=lr,
+                   lr_decay=lr_decay, loss=loss, distill=distill, proposals=proposals, label=label, replay=replay,
+                   holdout=holdout, max_frames=max_frames, skip=not no_skip, seed=seed, progress=not json_out)
     typer.echo(json.dumps(result.to_dict(), indent=1) if json_out else result.format())
