@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--loss", default=None)
     p.add_argument("--proposals", default=None, help="dis-medium, dis-fast or none (photometric only)")
     p.add_argument("--label", type=float, default=None, help="weight of the pseudo-label term")
+    p.add_argument("--label-window", type=int, default=None, help="side (px) of the fusion's comparison box")
+    p.add_argument("--label-unsure", type=float, default=None,
+                   help="weight of label pixels that fail the forward-backward check")
     p.add_argument("--photo", type=float, default=None, help="weight of the photometric term")
     p.add_argument("--replay", type=int, default=None, help="generated pairs with exact flow per step")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     cv2.setNumThreads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
     knobs = {k: getattr(args, k) for k in ("steps", "lr", "distill", "smooth", "loss", "proposals", "label", "photo",
-                                           "replay", "lr_decay", "ema") if getattr(args, k) is not None}
+                                           "label_window", "label_unsure", "replay", "lr_decay", "ema") if getattr(args, k) is not None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = {"command": "bench/adapt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as tmp:

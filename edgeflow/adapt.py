@@ -71,6 +71,9 @@ class AdaptConfig:
     distill: float = 0.005  # weight of the distillation to the starting network (Charbonnier, pixels)
     proposals: str = "dis-medium"  # classical flow fused with the starting net's into pseudo-labels; "none"
     label: float = 1.0  # weight of the pull towards the pseudo-labels (multi-scale EPE, pixels)
+    label_window: int = FUSE_WINDOW  # px: side of the box over which the fusion compares the candidates
+    label_unsure: float = 1.0  # how much a label pixel counts where the fused labels fail the forward-
+    #                            backward check (there the label is the starting net's own flow); 1: as much
     replay: int = 4  # generated pairs with exact flow in each step (the shipped weights' training data,
     #                  `edgeflow.synth` chairs style; multi-scale EPE, each pair weighing as much as one
     #                  direction of a footage pair's labels): what holds the net on other footage; 0: none
@@ -112,6 +115,10 @@ class AdaptConfig:
                              f"weights cannot be negative")
         if self.replay < 0:
             raise InputError(f"replay={self.replay}: expected a count of generated pairs per step (0: none)")
+        if self.label_window < 1 or self.label_window % 2 == 0:
+            raise InputError(f"label_window={self.label_window}: expected an odd box side in pixels")
+        if not 0 <= self.label_unsure <= 1:
+            raise InputError(f"label_unsure={self.label_unsure}: expected a weight in [0, 1]")
         if self.proposals not in PROPOSALS:
             raise InputError(f"proposals={self.proposals!r}: expected one of {', '.join(PROPOSALS)}")
         if not 0 < self.holdout < 1:
@@ -243,9 +250,11 @@ def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: Ada
                labels=None):
     """The self-supervised loss of a batch, both directions: robust photometric distance on
     non-occluded in-image pixels + smoothness + distillation (Charbonnier, pixels) to the teacher
-    + with `labels` ([2B,2,H/s,W/s]: the forward then the backward pseudo-labels, in pixels at the
-    loss stride s) FlowNet's multi-scale EPE of the network's `pyramid` (flow2..flow6 of both
-    directions, `FlowNet2.pyramids`) against them, normalised to pixels of flow2.
+    + with `labels` ([2B,3,H/s,W/s]: the forward then the backward pseudo-labels, in pixels at the
+    loss stride s, and the share of each label pixel that passed the forward-backward check)
+    FlowNet's multi-scale EPE of the network's `pyramid` (flow2..flow6 of both directions,
+    `FlowNet2.pyramids`) against them, normalised to pixels of flow2, the unchecked share of
+    each pixel counting `config.label_unsure`.
     Returns (loss, {term: float})."""
     import torch
     import torch.nn.functional as F
@@ -265,20 +274,23 @@ def adapt_loss(flow_fw, flow_bw, teacher_fw, teacher_bw, img1, img2, config: Ada
         smooth = smooth + smoothness(flows[k] * stride, firsts[k])  # in full-resolution pixels
         distill = distill + _charbonnier((flows[k] - teachers[k]) * stride).mean()
     if labels is not None:  # both directions at once
-        label = 2 * supervised_loss(pyramid, labels * stride)
+        checked = labels[:, 2:]
+        weight = checked + config.label_unsure * (1 - checked)
+        label = 2 * supervised_loss(pyramid, labels[:, :2] * stride, weight)
     loss = config.photo * photo + config.smooth * smooth + config.distill * distill + config.label * label
     terms = {"photo": photo, "smooth": smooth, "distill": distill} | ({"label": label} if labels is not None else {})
     return loss, {k: float(v.detach()) / 2 for k, v in terms.items()}
 
 
-def supervised_loss(pyramid, flow):
+def supervised_loss(pyramid, flow, weight=None):
     """FlowNet's multi-scale loss (`training.multiscale_loss`) of the pyramid [flow2..flow6] against
-    `flow` [B,2,H,W] (pixels), normalised to the mean EPE in pixels of flow2 per pair."""
+    `flow` [B,2,H,W] (pixels), each pixel counting `weight` ([B,1,H,W] in [0, 1], None: 1),
+    normalised to the mean EPE in pixels of flow2 per pair."""
     from edgeflow.models.flownet import DIV_FLOW
     from edgeflow.training import LOSS_WEIGHTS, multiscale_loss
 
     flow2 = pyramid[0]
-    return multiscale_loss(pyramid, flow) * DIV_FLOW / (LOSS_WEIGHTS[0] * flow2.shape[2] * flow2.shape[3])
+    return multiscale_loss(pyramid, flow, weight) * DIV_FLOW / (LOSS_WEIGHTS[0] * flow2.shape[2] * flow2.shape[3])
 
 
 def _charbonnier(diff):
@@ -308,12 +320,14 @@ def fuse(img1, img2, candidates, window: int = FUSE_WINDOW):
     return torch.gather(torch.stack(candidates), 0, best.expand(1, 2, -1, -1).unsqueeze(0))[0]
 
 
-def pseudo_labels(net, frames: list, gaps: tuple, proposals: str, stride: int, progress: bool = False) -> dict:
+def pseudo_labels(net, frames: list, gaps: tuple, proposals: str, stride: int, window: int = FUSE_WINDOW,
+                  progress: bool = False) -> dict:
     """Pseudo-labels of the pairs (t, t + gap) of `frames` (uint8 BGR at the network size):
-    {(t, gap): flows [2,2,H/s,W/s] float32, forward then backward, in pixels at stride s = `stride`}.
-    Each direction fuses (`fuse`) the starting network `net`'s flow with the classical method
-    `proposals` ("dis-medium" or "dis-fast") where the fused flows pass the forward-backward
-    check, and keeps the network's flow where they do not."""
+    {(t, gap): [2,3,H/s,W/s] float32, forward then backward: the flow in pixels at stride s =
+    `stride`, then the share of the pixel that passed the forward-backward check (0..1)}.
+    Each direction fuses (`fuse`, over `window` px boxes) the starting network `net`'s flow with
+    the classical method `proposals` ("dis-medium" or "dis-fast") where the fused flows pass the
+    forward-backward check, and keeps the network's flow where they do not."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -331,12 +345,13 @@ def pseudo_labels(net, frames: list, gaps: tuple, proposals: str, stride: int, p
             net_fw, net_bw = net(torch.cat((x1, x2)), torch.cat((x2, x1))).chunk(2)
             dis_fw, dis_bw = (torch.from_numpy(classical(p, q).transpose(2, 0, 1).copy())[None]
                               for p, q in ((a, b), (b, a)))
-            fw, bw = fuse(x1, x2, [net_fw, dis_fw]), fuse(x2, x1, [net_bw, dis_bw])
+            fw, bw = fuse(x1, x2, [net_fw, dis_fw], window), fuse(x2, x1, [net_bw, dis_bw], window)
             valid = torch.cat([~occlusion_mask(fw, bw), ~occlusion_mask(bw, fw)])
             flows = torch.where(valid, torch.cat((fw, bw)), torch.cat((net_fw, net_bw)))
+            labels = torch.cat((flows, valid.to(flows.dtype)), 1)
             if stride > 1:
-                flows = F.avg_pool2d(flows, stride) / stride
-            out[(t, g)] = flows.numpy()
+                labels = F.avg_pool2d(labels, stride) * torch.tensor([1 / stride, 1 / stride, 1]).view(1, 3, 1, 1)
+            out[(t, g)] = labels.numpy()
     return out
 
 
@@ -398,8 +413,8 @@ class _Pairs:
         self.crop = (min(crop[0], h), min(crop[1], w))
 
     def batch(self, n: int):
-        """(img1, img2 [n,3,h,w] RGB in [0,1], labels: None or [2n,2,h/s,w/s], the forward labels
-        of the n pairs then their backward ones)."""
+        """(img1, img2 [n,3,h,w] RGB in [0,1], labels: None or [2n,3,h/s,w/s], the forward labels
+        of the n pairs then their backward ones, as `pseudo_labels` gives them)."""
         import torch
 
         from edgeflow.training import to_tensor_pair
@@ -409,7 +424,7 @@ class _Pairs:
         img1, img2 = torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs])
         if self.labels is None:
             return img1, img2, None
-        flows = torch.from_numpy(np.stack([f for _, _, f in items]))  # [n, 2 directions, 2, h/s, w/s]
+        flows = torch.from_numpy(np.stack([f for _, _, f in items]))  # [n, 2 directions, 3, h/s, w/s]
         return img1, img2, torch.cat((flows[:, 0], flows[:, 1]))
 
     def _pair(self):
@@ -427,10 +442,10 @@ class _Pairs:
             flows = None if flows is None else flows[::-1]
         if rng.random() < 0.5:
             a, b = a[:, ::-1], b[:, ::-1]
-            flows = None if flows is None else flows[..., ::-1] * np.float32([-1, 1])[:, None, None]
+            flows = None if flows is None else flows[..., ::-1] * np.float32([-1, 1, 1])[:, None, None]
         if rng.random() < 0.5:
             a, b = a[::-1], b[::-1]
-            flows = None if flows is None else flows[..., ::-1, :] * np.float32([1, -1])[:, None, None]
+            flows = None if flows is None else flows[..., ::-1, :] * np.float32([1, -1, 1])[:, None, None]
         return (np.ascontiguousarray(a), np.ascontiguousarray(b),
                 None if flows is None else np.ascontiguousarray(flows))
 
@@ -527,7 +542,7 @@ def adapt(model: str, frames, out: str | os.PathLike, *, weights="default", conf
     opt = torch.optim.Adam(params, lr=config.lr)
     gaps = (1, 2) if config.skip and len(train) > 2 else (1,)
     labels = None if config.proposals == "none" or config.label == 0 else \
-        pseudo_labels(teacher, train, gaps, config.proposals, config.loss_stride, progress)
+        pseudo_labels(teacher, train, gaps, config.proposals, config.loss_stride, config.label_window, progress)
     pairs = _Pairs(train, config.crop, gaps, np.random.default_rng([config.seed, 0xADA]), config.loss_stride, labels)
     replay = _Replay(config.crop, config.seed) if config.replay else None
     net.train()

@@ -157,22 +157,29 @@ class PairStream(torch.utils.data.IterableDataset):
             yield a[0], b[0], _chw(flow)
 
 
-def multiscale_loss(pyramid, flow):
+def multiscale_loss(pyramid, flow, weight=None):
     """FlowNet's loss: sum over levels of weight x EPE(flowK, pooled target / 20) summed over the
     level's pixels, per pair (Caffe's loss layers divide by the batch only).
 
     Summing over pixels makes flow2 (16x the pixels of flow4) weigh the most; a per-level mean
     would let flow6 weigh 64x flow2, and the fine levels, where matching is learnt first, barely
-    move (MODEL_CARD.md). pyramid: [flow2..flow6], each [B,2,H/2^K,W/2^K]; flow: [B,2,H,W] in px.
+    move (MODEL_CARD.md). pyramid: [flow2..flow6], each [B,2,H/2^K,W/2^K]; flow: [B,2,H,W] in px;
+    weight: None or [B,1,H,W] in [0, 1], how much each target pixel counts (its level's target is
+    then the weighted mean of the pixels it pools, and each level's pixel weighs their mean weight).
     """
     import torch.nn.functional as F
 
     target = flow / DIV_FLOW
     total = 0.0
-    for weight, pred in zip(LOSS_WEIGHTS, pyramid):
+    for level_weight, pred in zip(LOSS_WEIGHTS, pyramid):
         factor = target.shape[2] // pred.shape[2]
-        t = F.avg_pool2d(target, factor, factor)
-        total = total + weight * torch.norm(pred - t, p=2, dim=1).sum() / pred.shape[0]
+        if weight is None:
+            err = torch.norm(pred - F.avg_pool2d(target, factor, factor), p=2, dim=1)
+        else:
+            w = F.avg_pool2d(weight, factor, factor)
+            t = F.avg_pool2d(target * weight, factor, factor) / w.clamp(min=1e-6)
+            err = w[:, 0] * torch.norm(pred - t, p=2, dim=1)
+        total = total + level_weight * err.sum() / pred.shape[0]
     return total
 
 

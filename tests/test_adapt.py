@@ -134,18 +134,21 @@ def test_pseudo_labels_of_a_pan_are_the_pan_and_follow_crops_flips_and_swaps(rng
     labels = pseudo_labels(create("flownet2-s").eval(), frames, (1, 2), "dis-medium", 4)
     assert set(labels) == {(0, 1), (1, 1), (2, 1), (0, 2), (1, 2)}
     flows = labels[(0, 2)]
-    assert flows.shape == (2, 2, 32, 48) and flows.dtype == np.float32
+    assert flows.shape == (2, 3, 32, 48) and flows.dtype == np.float32
     core = np.s_[:, :, 4:-4, 4:-4]
     want = np.float32([[6 / 4, -4 / 4], [-6 / 4, 4 / 4]])[:, :, None, None]  # gap 2, in px at stride 4
-    assert np.abs(flows - want)[core].max() < 0.1
+    assert np.abs(flows[:, :2] - want)[core].max() < 0.1
+    checked = flows[:, 2]  # the share of each pixel that passed the forward-backward check
+    assert checked.min() >= 0 and checked.max() <= 1 and checked[:, 4:-4, 4:-4].min() == 1
+    assert checked[0, :, -1].max() < 1  # the pan leaves the image at the right (forward, dx = 6)
     pairs = _Pairs(frames, (64, 64), (1, 2), np.random.default_rng(0), 4, labels)
     for _ in range(8):  # whatever the crop, flips and order, the forward label maps img1 onto img2
         img1, img2, both = pairs.batch(2)
-        assert both.shape == (4, 2, 16, 16)
+        assert both.shape == (4, 3, 16, 16)
         import torch.nn.functional as F
 
         small1, small2 = F.avg_pool2d(img1, 4), F.avg_pool2d(img2, 4)
-        for x1, x2, f in ((small1, small2, both[:2]), (small2, small1, both[2:])):
+        for x1, x2, f in ((small1, small2, both[:2, :2]), (small2, small1, both[2:, :2])):
             at_label, inside = photometric_distance(x1, x2, f)
             at_zero, _ = photometric_distance(x1, x2, torch.zeros_like(f))
             assert float(masked_mean(at_label, inside)) < 0.5 * float(at_zero.mean())

@@ -23,6 +23,20 @@ def test_loss_is_zero_at_the_pooled_target_and_sums_pixels():
     assert float(multiscale_loss(off, flow)) == pytest.approx(want, rel=1e-5)
 
 
+def test_weighted_loss_ignores_pixels_of_weight_zero_and_is_the_plain_loss_at_weight_one():
+    flow = torch.randn(2, 2, 128, 128) * 5  # flow6 is 2x2: its columns pool one half each
+    pooled = [torch.nn.functional.avg_pool2d(flow / 20, 2 ** k, 2 ** k) for k in range(2, 7)]
+    ones = torch.ones(2, 1, 128, 128)
+    off = [p + 0.3 for p in pooled]
+    assert float(multiscale_loss(off, flow, ones)) == pytest.approx(float(multiscale_loss(off, flow)), rel=1e-5)
+    wild = flow.clone()
+    wild[..., 64:] = 1000  # labels of the right half are nonsense and weigh nothing
+    weight = torch.cat([ones[..., :64], torch.zeros(2, 1, 128, 64)], -1)
+    exact_left = [torch.cat([p[..., :p.shape[3] // 2], p[..., p.shape[3] // 2:] + 9], -1) for p in pooled]
+    assert float(multiscale_loss(exact_left, wild, weight)) == pytest.approx(0, abs=1e-4)
+    assert float(multiscale_loss(exact_left, wild)) > 100
+
+
 def test_schedule():
     c = TrainConfig(steps=100, lr=1e-3, curriculum=[[0, 64, 64], [50, 128, 192]])
     assert [c.lr_at(s) for s in (0, 59, 60, 80, 95)] == [1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4]
