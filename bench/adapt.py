@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--distill", type=float, default=None)
     p.add_argument("--smooth", type=float, default=None)
     p.add_argument("--loss", default=None)
-    p.add_argument("--proposals", default=None, help="dis-medium, dis-fast or none (photometric only)")
+    p.add_argument("--proposals", default=None,
+                   help="comma list of dis-medium, dis-fast, dis-fine; or none (photometric only)")
     p.add_argument("--label", type=float, default=None, help="weight of the pseudo-label term")
     p.add_argument("--label-window", type=int, default=None, help="side (px) of the fusion's comparison box")
     p.add_argument("--label-unsure", type=float, default=None,

@@ -48,7 +48,8 @@ from edgeflow.errors import InputError
 MIN_FRAMES = 6  # at least 2 held-back frames (one pair) and 4 to adapt on
 CENSUS_PATCH = 7
 LOSSES = ("census", "ssim")
-PROPOSALS = ("dis-medium", "dis-fast", "none")  # classical flows fused with the net's into pseudo-labels
+PROPOSALS = ("dis-medium", "dis-fast", "dis-fine")  # classical flows (`baselines`) fused with the net's into
+#                                                    pseudo-labels: one or a comma list, or "none"
 FUSE_WINDOW = 15  # px: side of the box the census distances of the candidates are compared over
 
 
@@ -69,7 +70,8 @@ class AdaptConfig:
     photo: float = 1.0  # weight of the photometric term
     smooth: float = 2.0  # weight of the edge-aware second-order smoothness (flow in pixels / DIV_FLOW)
     distill: float = 0.005  # weight of the distillation to the starting network (Charbonnier, pixels)
-    proposals: str = "dis-medium"  # classical flow fused with the starting net's into pseudo-labels; "none"
+    proposals: str = "dis-medium"  # classical flows fused with the starting net's into pseudo-labels (comma
+    #                                list of PROPOSALS); "none": no pseudo-labels
     label: float = 1.0  # weight of the pull towards the pseudo-labels (multi-scale EPE, pixels)
     label_window: int = FUSE_WINDOW  # px: side of the box over which the fusion compares the candidates
     label_unsure: float = 1.0  # how much a label pixel counts where the fused labels fail the forward-
@@ -119,8 +121,10 @@ class AdaptConfig:
             raise InputError(f"label_window={self.label_window}: expected an odd box side in pixels")
         if not 0 <= self.label_unsure <= 1:
             raise InputError(f"label_unsure={self.label_unsure}: expected a weight in [0, 1]")
-        if self.proposals not in PROPOSALS:
-            raise InputError(f"proposals={self.proposals!r}: expected one of {', '.join(PROPOSALS)}")
+        names = self.proposals.split(",")
+        if self.proposals != "none" and (not set(names) <= set(PROPOSALS) or len(set(names)) < len(names)):
+            raise InputError(f"proposals={self.proposals!r}: expected none, or one or more of "
+                             f"{', '.join(PROPOSALS)} separated by commas")
         if not 0 < self.holdout < 1:
             raise InputError(f"holdout={self.holdout}: expected a share of the frames between 0 and 1")
         if not 0 <= self.ema < 1:
@@ -326,8 +330,8 @@ def pseudo_labels(net, frames: list, gaps: tuple, proposals: str, stride: int, w
     {(t, gap): [2,3,H/s,W/s] float32, forward then backward: the flow in pixels at stride s =
     `stride`, then the share of the pixel that passed the forward-backward check (0..1)}.
     Each direction fuses (`fuse`, over `window` px boxes) the starting network `net`'s flow with
-    the classical method `proposals` ("dis-medium" or "dis-fast") where the fused flows pass the
-    forward-backward check, and keeps the network's flow where they do not."""
+    those of the classical methods `proposals` (a comma list of PROPOSALS) where the fused flows
+    pass the forward-backward check, and keeps the network's flow where they do not."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -335,7 +339,7 @@ def pseudo_labels(net, frames: list, gaps: tuple, proposals: str, stride: int, w
     from edgeflow.baselines import baseline
     from edgeflow.training import to_tensor_pair
 
-    classical = baseline(proposals)
+    classical = [baseline(name) for name in proposals.split(",")]
     keys = [(t, g) for g in gaps for t in range(len(frames) - g)]
     out = {}
     with torch.no_grad():
@@ -343,9 +347,9 @@ def pseudo_labels(net, frames: list, gaps: tuple, proposals: str, stride: int, w
             a, b = frames[t], frames[t + g]
             x1, x2 = to_tensor_pair(a, b)
             net_fw, net_bw = net(torch.cat((x1, x2)), torch.cat((x2, x1))).chunk(2)
-            dis_fw, dis_bw = (torch.from_numpy(classical(p, q).transpose(2, 0, 1).copy())[None]
-                              for p, q in ((a, b), (b, a)))
-            fw, bw = fuse(x1, x2, [net_fw, dis_fw], window), fuse(x2, x1, [net_bw, dis_bw], window)
+            other_fw, other_bw = ([torch.from_numpy(flow(p, q).transpose(2, 0, 1).copy())[None] for flow in classical]
+                                  for p, q in ((a, b), (b, a)))
+            fw, bw = fuse(x1, x2, [net_fw, *other_fw], window), fuse(x2, x1, [net_bw, *other_bw], window)
             valid = torch.cat([~occlusion_mask(fw, bw), ~occlusion_mask(bw, fw)])
             flows = torch.where(valid, torch.cat((fw, bw)), torch.cat((net_fw, net_bw)))
             labels = torch.cat((flows, valid.to(flows.dtype)), 1)

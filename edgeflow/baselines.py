@@ -14,11 +14,15 @@ from edgeflow.errors import choices_error
 
 FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-BASELINES = ("dis-ultrafast", "dis-fast", "dis-medium", "farneback")
+BASELINES = ("dis-ultrafast", "dis-fast", "dis-medium", "dis-fine", "farneback")
 
 # OpenCV's tutorial values: pyramid scale 0.5, 3 levels, 15 px window, 3 iterations,
 # polynomial neighbourhood 5 with sigma 1.2.
 FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+# DIS-medium refined down to full resolution: 8 px patches every 3 px, 25 gradient-descent and 10
+# variational iterations (about 5x DIS-medium's time; 93 ms against 20 ms at 384x512 on one core).
+DIS_FINE = dict(PatchSize=8, PatchStride=3, GradientDescentIterations=25, VariationalRefinementIterations=10,
+                FinestScale=0)
 
 
 def baseline(name: str) -> FlowFn:
@@ -35,8 +39,12 @@ def baseline(name: str) -> FlowFn:
 
     preset = {"dis-ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
               "dis-fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
-              "dis-medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[name]
+              "dis-medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+              "dis-fine": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}[name]
     dis = cv2.DISOpticalFlow_create(preset)
+    if name == "dis-fine":
+        for key, value in DIS_FINE.items():
+            getattr(dis, f"set{key}")(value)
 
     def dis_flow(img1: np.ndarray, img2: np.ndarray) -> np.ndarray:
         return dis.calc(_gray(img1), _gray(img2), None)

@@ -131,7 +131,7 @@ def test_pseudo_labels_of_a_pan_are_the_pan_and_follow_crops_flips_and_swaps(rng
     from edgeflow.models import create
 
     frames = shifted_frames(rng, 4, (128, 192))  # the network's sizes are multiples of 64
-    labels = pseudo_labels(create("flownet2-s").eval(), frames, (1, 2), "dis-medium", 4)
+    labels = pseudo_labels(create("flownet2-s").eval(), frames, (1, 2), "dis-medium,dis-fine", 4)
     assert set(labels) == {(0, 1), (1, 1), (2, 1), (0, 2), (1, 2)}
     flows = labels[(0, 2)]
     assert flows.shape == (2, 3, 32, 48) and flows.dtype == np.float32
@@ -252,7 +252,10 @@ def test_bad_input_is_one_line_exit_3_and_writes_nothing(case, tmp_path, capsys)
 def test_bad_knobs_are_input_errors_naming_the_parameter(tmp_path):
     frames = write_frames(tmp_path / "frames", 6)
     for knobs, name in [({"steps": 0}, "steps="), ({"crop": (100, 128)}, "crop="), ({"loss": "l2"}, "loss="),
-                        ({"holdout": 1.0}, "holdout="), ({"replay": -1}, "replay="), ({"warmup": 3}, "warmup=")]:
+                        ({"holdout": 1.0}, "holdout="), ({"replay": -1}, "replay="), ({"warmup": 3}, "warmup="),
+                        ({"proposals": "dis-medium,raft"}, "proposals="), ({"proposals": "dis-fine,dis-fine"},
+                                                                          "proposals="),
+                        ({"label_window": 16}, "label_window="), ({"label_unsure": 2.0}, "label_unsure=")]:
         with pytest.raises(InputError, match=name):
             adapt("flownet2-s", frames, tmp_path / "a.pt", progress=False, **knobs)
     assert not (tmp_path / "a.pt").exists()

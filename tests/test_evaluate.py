@@ -44,6 +44,11 @@ def test_baseline_recovers_translation(chairs):
     assert s["epe"] == result["epe"] < 0.3
 
 
+def test_dis_fine_recovers_translation_at_least_as_well_as_dis_medium(chairs):
+    fine, medium = (evaluate(m, chairs, progress=False)["epe"] for m in ("dis-fine", "dis-medium"))
+    assert fine < 0.3 and fine <= medium * 1.05
+
+
 def test_callable_and_kitti_fl_all(tmp_path, rng):
     img1, img2 = _shifted_pair(rng)
     k = tmp_path / "training"
