@@ -32,8 +32,9 @@ def adapt_cmd(
     loss: str = typer.Option(D.loss, "--loss", help="Photometric loss: census or ssim (SSIM + L1)."),
     distill: float = typer.Option(D.distill, "--distill", help="Weight of the pull towards the starting network."),
     proposals: str = typer.Option(D.proposals, "--proposals",
-                                  help="Classical flow fused with the network's into pseudo-labels: dis-medium, "
-                                       "dis-fast, or none (photometric loss only)."),
+                                  help="Classical flows fused with the network's into pseudo-labels: one or a "
+                                       "comma list of dis-medium, dis-fast, dis-fine; or none (photometric loss "
+                                       "only)."),
     label: float = typer.Option(D.label, "--label", help="Weight of the pull towards the pseudo-labels."),
     replay: int = typer.Option(D.replay, "--replay",
                                help="Generated pairs with exact flow in each step, which hold the network on "

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 def eval_cmd(
     method: str = typer.Argument(..., metavar="MODEL|PACKAGE",
-                                 help="OpenCV baseline (dis-ultrafast, dis-fast, dis-medium, farneback), "
+                                 help="OpenCV baseline (dis-ultrafast, dis-fast, dis-medium, dis-fine, farneback), "
                                       "registry model name, or compiled package .tar."),
     data: Path = typer.Option(..., "--data", help="Evaluation data directory (realflow, Sintel, KITTI, ...)."),
     weights: str = typer.Option("default", "--weights",
