@@ -11,10 +11,11 @@ ties the flow to the starting network's (a frozen copy), so the net cannot drift
 degenerate solution where the photometric loss is weak.
 
 Pseudo-labels (`proposals`): before training, every training pair gets a label flow in both
-directions, fused per pixel from the starting network's flow and a classical method's (OpenCV
-DIS) by whichever has the lower census distance over a 15x15 window where the fused forward and
-backward labels agree (the same forward-backward check), and the starting network's flow where
-they do not. FlowNet's multi-scale loss pulls the network towards them. The photometric loss
+directions, fused per pixel from the starting network's flow and classical methods' (OpenCV
+DIS) by whichever has the lower census distance over a 15x15 window (`label_window`) where the
+fused forward and backward labels agree (the same forward-backward check), and the starting
+network's flow where they do not (weighing `label_unsure`). FlowNet's multi-scale loss pulls the
+network towards them. The photometric loss
 alone is a weak signal on blurred or hazy footage; a per-pixel choice between two flows by that
 same distance is a stronger one (MODEL_CARD.md "edgeflow adapt" has what each gains).
 
