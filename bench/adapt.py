@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     cv2.setNumThreads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
     knobs = {k: getattr(args, k) for k in ("steps", "lr", "distill", "smooth", "loss", "proposals", "label", "photo",
-                                           "label_window", "label_unsure", "replay", "lr_decay", "ema") if getattr(args, k) is not None}
+                                           "label_window", "label_unsure", "replay", "lr_decay", "ema")
+             if getattr(args, k) is not None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = {"command": "bench/adapt.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,9 +15,9 @@ directions, fused per pixel from the starting network's flow and classical metho
 DIS) by whichever has the lower census distance over a 15x15 window (`label_window`) where the
 fused forward and backward labels agree (the same forward-backward check), and the starting
 network's flow where they do not (weighing `label_unsure`). FlowNet's multi-scale loss pulls the
-network towards them. The photometric loss
-alone is a weak signal on blurred or hazy footage; a per-pixel choice between two flows by that
-same distance is a stronger one (MODEL_CARD.md "edgeflow adapt" has what each gains).
+network towards them. The photometric loss alone is a weak signal on blurred or hazy footage; a
+per-pixel choice between flows by that same distance is a stronger one (MODEL_CARD.md "edgeflow
+adapt" has what each gains).
 
 Replay (`replay`): every step also trains on generated pairs with exact flow, the data the
 shipped weights learnt from. Without it, the thousands of steps it takes to learn the footage's
