@@ -284,3 +284,25 @@ def test_learning_rate_halves_at_60_80_90_percent_of_the_steps_or_of_the_time_bu
     timed = AdaptConfig(steps=100, seconds=10.0, lr=1e-4)  # whichever of the two ends the run first
     assert timed.lr_at(10, 6.0) == 5e-5 and timed.lr_at(85, 1.0) == 2.5e-5
     assert AdaptConfig(steps=100, lr=1e-4, lr_decay=False).lr_at(99, 0.0) == 1e-4
+
+
+def test_bench_adapt_scores_a_run_against_the_clips_ground_truth(tmp_path):
+    """bench/adapt.py end to end on a tiny clip: the report's figures are consistent with each
+    other and with the clip's exact flow (DIS-medium beats zero flow on it)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "adapted.pt"
+    p = subprocess.run([sys.executable, str(root / "bench" / "adapt.py"), "--frames", "8", "--size", "128x192",
+                        "--steps", "2", "--batch", "1", "--replay", "1", "--proposals", "dis-medium",
+                        "--no-realflow", "--json", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.loads(p.stdout)
+    assert report["clip"]["frames"] == 8 and report["clip"]["mean_speed_px"] > 0.5
+    assert report["adapt"]["train_frames"] == 6 and report["adapt"]["steps"] == 2 and out.is_file()
+    e = report["heldout_epe"]
+    assert e["pairs"] == 1 and e["change"] == pytest.approx(e["after"] / e["before"] - 1)
+    assert e["before"] != e["after"] and "realflow" not in report
+    assert e["dis_medium"] < 0.8 * e["zero_flow"]  # the frames move as the ground truth says
+    assert report["trained_frames_epe"]["before"] > 0
