@@ -183,22 +183,29 @@ def warp(image, flow):
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True), inside
 
 
-def census_transform(img, patch: int = CENSUS_PATCH):
-    """Soft census signature [B, patch^2, H, W] of the gray image (UnFlow's ternary census):
-    each neighbour's difference to the centre pixel d (0..255 scale), as d / sqrt(0.81 + d^2)."""
-    import torch
+def census_distance(img1, img2, patch: int = CENSUS_PATCH):
+    """Per-pixel soft census distance [B,1,H,W] in [0, 1) of img1, img2 [B,3,H,W] RGB in [0,1]
+    (UnFlow's ternary census): 0 where the local structure matches. Each image's signature is
+    the difference d (0..255 gray scale) of every neighbour in a `patch` x `patch` box (zero
+    outside the image) to the centre pixel, as d / sqrt(0.81 + d^2); per neighbour the squared
+    difference s of the two signatures counts s / (0.1 + s), averaged over the box.
+    One neighbour at a time: a whole [B, patch^2, H, W] signature misses the cache at full
+    resolution (5x slower at 384x512)."""
     import torch.nn.functional as F
 
-    gray = (0.299 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3]) * 255
-    kernel = torch.eye(patch * patch, dtype=img.dtype, device=img.device).view(patch * patch, 1, patch, patch)
-    diff = F.conv2d(gray, kernel, padding=patch // 2) - gray
-    return diff / torch.sqrt(0.81 + diff * diff)
+    def gray(img):
+        return (0.299 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3]) * 255
 
-
-def census_distance(img1, img2):
-    """Per-pixel census distance [B,1,H,W] in [0, 1): 0 where the local structure matches."""
-    d = (census_transform(img1) - census_transform(img2)) ** 2
-    return (d / (0.1 + d)).mean(1, keepdim=True)
+    g1, g2 = gray(img1), gray(img2)
+    (h, w), r = g1.shape[2:], patch // 2
+    p1, p2 = F.pad(g1, (r, r, r, r)), F.pad(g2, (r, r, r, r))
+    total = 0
+    for dy in range(patch):
+        for dx in range(patch):
+            d1, d2 = p1[..., dy:dy + h, dx:dx + w] - g1, p2[..., dy:dy + h, dx:dx + w] - g2
+            s = (d1 / (0.81 + d1 * d1).sqrt() - d2 / (0.81 + d2 * d2).sqrt()) ** 2
+            total = total + s / (0.1 + s)
+    return total / (patch * patch)
 
 
 def ssim_l1_distance(img1, img2):

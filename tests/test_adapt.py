@@ -42,6 +42,23 @@ def write_frames(directory: Path, count: int, seed: int = 3) -> Path:
     return directory
 
 
+def test_census_distance_is_the_soft_ternary_census_of_unflow(rng):
+    """Against the definition, pixel by pixel in numpy: 7x7 neighbour differences d to the centre
+    (0 outside the image), signatures d / sqrt(0.81 + d^2), s / (0.1 + s) of their squared
+    differences averaged over the box."""
+    from edgeflow.adapt import census_distance
+
+    a, b = rng.uniform(0, 1, (2, 1, 3, 9, 11)).astype(np.float32)
+    got = census_distance(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert got.shape == (1, 1, 9, 11)
+    grey = [np.pad((0.299 * x[0, 0] + 0.587 * x[0, 1] + 0.114 * x[0, 2]) * 255, 3) for x in (a, b)]
+    for y, x in [(0, 0), (4, 5), (8, 10), (2, 9)]:
+        sig = [(g[y:y + 7, x:x + 7] - g[y + 3, x + 3]) / np.sqrt(0.81 + (g[y:y + 7, x:x + 7] - g[y + 3, x + 3]) ** 2)
+               for g in grey]
+        s = (sig[0] - sig[1]) ** 2
+        assert got[0, 0, y, x] == pytest.approx(float((s / (0.1 + s)).mean()), rel=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["census", "ssim"])
 def test_photometric_distance_vanishes_for_a_true_shift_and_not_for_zero_flow(loss, rng):
     img = texture(rng, 160, 192)
