@@ -58,7 +58,7 @@ FUSE_WINDOW = 15  # px: side of the box the census distances of the candidates a
 class AdaptConfig:
     """Knobs of `adapt` (all recorded in the weight file's meta)."""
 
-    steps: int = 2500  # optimiser steps (the run also stops when `seconds` have passed)
+    steps: int = 5000  # optimiser steps (the run also stops when `seconds` have passed)
     seconds: float | None = None  # wall-clock budget of the optimisation, None: none
     batch: int = 2  # frame pairs per step
     crop: tuple = (256, 320)  # training crop (H, W), multiples of 64; cut down to the frame size
@@ -71,8 +71,8 @@ class AdaptConfig:
     photo: float = 1.0  # weight of the photometric term
     smooth: float = 2.0  # weight of the edge-aware second-order smoothness (flow in pixels / DIV_FLOW)
     distill: float = 0.005  # weight of the distillation to the starting network (Charbonnier, pixels)
-    proposals: str = "dis-medium"  # classical flows fused with the starting net's into pseudo-labels (comma
-    #                                list of PROPOSALS); "none": no pseudo-labels
+    proposals: str = "dis-medium,dis-fine"  # classical flows fused with the starting net's into pseudo-labels
+    #                                         (comma list of PROPOSALS); "none": no pseudo-labels
     label: float = 1.0  # weight of the pull towards the pseudo-labels (multi-scale EPE, pixels)
     label_window: int = FUSE_WINDOW  # px: side of the box over which the fusion compares the candidates
     label_unsure: float = 1.0  # how much a label pixel counts where the fused labels fail the forward-
